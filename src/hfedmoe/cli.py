@@ -1,0 +1,104 @@
+"""Command line: ``hfedmoe run`` (more subcommands arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from dataclasses import fields
+
+from hfedmoe.config import EMBEDDED_DATASET, EMBEDDED_MODEL, METHODS, ConfigError, RunConfig, parse_int_list
+
+_HELP = {
+    "rounds": "federated rounds",
+    "clients": "number of clients (virtual SuperNodes)",
+    "local_steps": "local mini-batches per client and round",
+    "batch_size": "mini-batch size",
+    "lr": "learning rate of pretrained weights (router and head use lr x new-param-lr-mult)",
+    "new_param_lr_mult": "learning-rate multiplier for freshly initialised router and head",
+    "lam": "lambda: weight of cumulative vs specific importance (Eq. 5)",
+    "beta": "beta: weight of the information-bottleneck KL term (Eq. 14)",
+    "tau": "usage threshold for uploading an expert and for gate weights (Eq. 18)",
+    "alpha": "Dirichlet concentration of the non-IID client split (smaller = more skewed)",
+    "expert_budgets": "comma-separated C_budget (experts trained per batch) per client, e.g. 48,48,24,12",
+    "seed": "random seed (data split, partitions, initialisation)",
+    "out": "run directory (default runs/<timestamp>)",
+    "model": f"model: {EMBEDDED_MODEL!r} (default) or a local BERT-style encoder directory to upcycle",
+    "dataset": f"dataset: {EMBEDDED_DATASET!r} (default, embedded)",
+    "method": f"federated method: {', '.join(METHODS)}",
+    "num_experts": "experts per MoE layer when upcycling",
+    "top_k": "experts per token",
+    "max_length": "tokens per text (truncation)",
+    "test_fraction": "held-out test share (stratified)",
+    "eval_batch_size": "batch size of server-side evaluation",
+    "pooling": "token-to-sample pooling of router scores: mean or max",
+    "select_by": "expert ranking: ib (I_b, Eq. 15) or importance (s_b, the paper's text)",
+    "gate_normalize": "normalise gate weights alpha to sum to 1 (true) or use the literal Eq. 20 (false)",
+    "aux_loss_coef": "load-balancing loss coefficient",
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run federated fine-tuning on Flower's simulation engine",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        if f.name == "extra":
+            continue
+        default = getattr(defaults, f.name)
+        kind = {bool: _bool, int: int, float: float}.get(type(default), str)
+        if f.name == "expert_budgets":
+            kind = parse_int_list
+        run.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=_HELP.get(f.name))
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hfedmoe.progress import RichReporter
+    from hfedmoe.rundir import default_run_dir
+    from hfedmoe.task import num_moe_layers
+
+    values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "extra"}
+    try:
+        cfg = RunConfig(**values).validate()
+        cfg.budgets_for(num_moe_layers(cfg))  # fail before any process starts
+        cfg.out = str(cfg.out or default_run_dir())
+        if (Path(cfg.out) / "metrics.jsonl").exists():
+            raise ConfigError(f"{cfg.out} already holds a run (metrics.jsonl): choose another --out or remove it")
+    except (ConfigError, FileExistsError) as err:
+        print(f"hfedmoe: error: {err}", file=sys.stderr)
+        return 2
+    from hfedmoe.fl.simulation import run_simulation
+
+    reporter = RichReporter(cfg)
+    try:
+        summary = run_simulation(cfg, reporter, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print("hfedmoe: interrupted; every started process was stopped", file=sys.stderr)
+        return 130
+    except (ConfigError, FileExistsError) as err:
+        print(f"hfedmoe: error: {err}", file=sys.stderr)
+        return 2
+    return 0 if summary else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The run configuration: one validated dataclass shared by CLI, server and clients.
+
+It travels to clients inside every message (as JSON in a ConfigRecord), so a
+client needs nothing but the message and its own node config to rebuild the same
+task. A run is reproducible from its ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+METHODS = ("hfedmoe",)
+POOLINGS = ("mean", "max")
+SELECT_BY = ("ib", "importance")
+EMBEDDED_MODEL = "embedded-minilm-moe"
+EMBEDDED_DATASET = "bbc-news"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the fix."""
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a federated run (CLI flag ``--x-y`` sets field ``x_y``)."""
+
+    rounds: int = 4
+    clients: int = 4
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 1e-4
+    new_param_lr_mult: float = 10.0
+    lam: float = 0.9
+    beta: float = 0.1
+    tau: float = 0.05
+    alpha: float = 0.5  # Dirichlet concentration of the non-IID client split
+    expert_budgets: list[int] | None = None  # C_budget per client; None -> paper-like default
+    seed: int = 0
+    out: str | None = None
+    model: str = EMBEDDED_MODEL
+    dataset: str = EMBEDDED_DATASET
+    method: str = "hfedmoe"
+    num_experts: int = 8
+    top_k: int = 2
+    max_length: int = 64
+    test_fraction: float = 0.2
+    eval_batch_size: int = 64
+    pooling: str = "mean"
+    select_by: str = "ib"
+    gate_normalize: bool = True
+    aux_loss_coef: float = 0.01
+    extra: dict = field(default_factory=dict)
+
+    # --- validation -------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Raise ConfigError naming the first invalid field and a valid choice."""
+        positive = ("rounds", "clients", "local_steps", "batch_size", "num_experts", "top_k", "max_length",
+                    "eval_batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("lr", "alpha"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{_flag(name)} must be a positive number, got {value!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"--lam must lie in [0, 1], got {self.lam}")
+        if self.beta < 0:
+            raise ConfigError(f"--beta must be >= 0, got {self.beta}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ConfigError(f"--tau must lie in [0, 1] (a usage threshold), got {self.tau}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"--top-k {self.top_k} exceeds --num-experts {self.num_experts}")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r} is not available; choose one of {', '.join(METHODS)}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.select_by not in SELECT_BY:
+            raise ConfigError(f"--select-by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
+        if self.expert_budgets is not None:
+            if len(self.expert_budgets) != self.clients:
+                raise ConfigError(
+                    f"--expert-budgets lists {len(self.expert_budgets)} budgets for {self.clients} clients: "
+                    "give exactly one per client (or set --clients to match)"
+                )
+            if any((not isinstance(b, int)) or b < 1 for b in self.expert_budgets):
+                raise ConfigError(f"--expert-budgets must be positive integers, got {self.expert_budgets}")
+        return self
+
+    def budgets_for(self, num_layers: int) -> list[int]:
+        """C_budget per client, checked against the model's ``num_layers`` MoE layers.
+
+        Default (paper-like: about half the clients constrained): the first
+        ceil(C/2) clients may train every expert; the others get fractions from
+        1/2 down to 1/4 of all experts, never below one expert per layer.
+        """
+        total = num_layers * self.num_experts
+        if self.expert_budgets is not None:
+            budgets = list(self.expert_budgets)
+        else:
+            full = math.ceil(self.clients / 2)
+            constrained = self.clients - full
+            budgets = [total] * full
+            for i in range(constrained):
+                frac = 0.5 if constrained == 1 else 0.5 - 0.25 * i / (constrained - 1)
+                budgets.append(max(num_layers, round(total * frac)))
+        too_small = [(i, b) for i, b in enumerate(budgets) if b < num_layers]
+        if too_small:
+            i, b = too_small[0]
+            raise ConfigError(
+                f"expert budget {b} of client {i} cannot cover the model's {num_layers} MoE layers "
+                f"(HFedMoE trains at least one expert per layer): the minimum budget is {num_layers}; "
+                f"raise it in --expert-budgets"
+            )
+        return [min(b, total) for b in budgets]
+
+    # --- (de)serialisation --------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_flower_run_config(cls, run_config: dict) -> "RunConfig":
+        """Build from ``[tool.flwr.app.config]`` (dash-separated keys, as ``flwr run`` passes)."""
+        data: dict = {}
+        aliases = {"num-server-rounds": "rounds", "dirichlet-alpha": "alpha", "num-clients": "clients"}
+        known = {f.name for f in fields(cls)}
+        for key, value in run_config.items():
+            name = aliases.get(key, key.replace("-", "_"))
+            if name not in known:
+                raise ConfigError(f"unknown run config key {key!r} in [tool.flwr.app.config]")
+            if name == "expert_budgets":
+                value = parse_int_list(value) if value else None
+            elif name in ("out",) and value == "":
+                value = None
+            elif name in ("model", "dataset") and value == "":
+                continue
+            data[name] = value
+        return cls(**data)
+
+
+def parse_int_list(text: str) -> list[int]:
+    """'48,48,24,12' -> [48, 48, 24, 12], with a clear error for anything else."""
+    try:
+        return [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers like 48,48,24,12, got {text!r}") from None
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

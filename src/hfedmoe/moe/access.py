@@ -1,0 +1,154 @@
+"""Model access: one small interface over a model's MoE structure.
+
+Everything above this layer (the local trainer, the Flower strategy) talks about
+"expert e of MoE layer l", "the routers" and "the dense parameters"; this module
+maps those onto a concrete model's parameters and its routing records. Layers are
+found by module structure (every :class:`~hfedmoe.moe.layers.MoEFeedForward`),
+never by a list of model names.
+
+Parameter groups partition the model's trainable state:
+- experts: ``expert_param_names(l, e)``: the parameters of one routed expert;
+- routers: the gating networks G_l;
+- dense: everything else (attention, embeddings, norms, the task head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfedmoe.moe.layers import MoEFeedForward
+
+
+class NoMoELayersError(ValueError):
+    """The model has no Mixture-of-Experts layer this project knows how to drive."""
+
+
+class ParamGroups:
+    """Which state-dict keys are experts, routers and dense parameters.
+
+    A plain, model-free description the server-side strategy works with, so the
+    Flower layer never touches the model object. Built by
+    :meth:`ModularMoEAccess.param_groups`.
+    """
+
+    def __init__(
+        self,
+        experts: dict[tuple[int, int], list[str]],
+        routers: list[str],
+        dense: list[str],
+        num_layers: int,
+        num_experts: int,
+    ):
+        self.experts = {k: tuple(v) for k, v in experts.items()}
+        self.routers = tuple(routers)
+        self.dense = tuple(dense)
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.expert_of = {name: le for le, names in self.experts.items() for name in names}
+
+    @property
+    def all_expert_keys(self) -> list[str]:
+        return [name for names in self.experts.values() for name in names]
+
+
+
+class ModularMoEAccess:
+    """Access to a model whose MoE layers are separate-expert ``MoEFeedForward`` blocks.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; it is inspected once, not copied.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layer_names: list[str] = []
+        self.layers: list[MoEFeedForward] = []
+        for name, module in model.named_modules():
+            if isinstance(module, MoEFeedForward):
+                self.layer_names.append(name)
+                self.layers.append(module)
+        if not self.layers:
+            raise NoMoELayersError(
+                f"{type(model).__name__} has no Mixture-of-Experts layer: pass a MoE model "
+                "(or let hfedmoe upcycle a dense encoder with --num-experts)"
+            )
+        counts = {layer.num_experts for layer in self.layers}
+        if len(counts) != 1:
+            raise NoMoELayersError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
+        self.num_experts = counts.pop()
+
+        names = [n for n, _ in model.named_parameters()]
+        self._expert_names: dict[tuple[int, int], list[str]] = {}
+        self._router_names: list[str] = []
+        for l, prefix in enumerate(self.layer_names):
+            self._router_names += [n for n in names if n.startswith(f"{prefix}.router.")]
+            for e in range(self.num_experts):
+                self._expert_names[(l, e)] = [n for n in names if n.startswith(f"{prefix}.experts.{e}.")]
+        grouped = set(self._router_names).union(*self._expert_names.values())
+        self._dense_names = [n for n in names if n not in grouped]
+        self._params = dict(model.named_parameters())
+
+    # --- structure -------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Number of MoE layers L."""
+        return len(self.layers)
+
+    @property
+    def num_experts_total(self) -> int:
+        """L * S: the budget that trains every expert."""
+        return self.num_layers * self.num_experts
+
+    def expert_param_names(self, layer: int, expert: int) -> list[str]:
+        """State-dict names of expert ``expert`` of MoE layer ``layer``."""
+        return self._expert_names[(layer, expert)]
+
+    def router_param_names(self) -> list[str]:
+        return list(self._router_names)
+
+    def dense_param_names(self) -> list[str]:
+        return list(self._dense_names)
+
+    def param_groups(self) -> ParamGroups:
+        """Partition of the full ``state_dict`` (buffers count as dense)."""
+        grouped = set(self._router_names).union(*self._expert_names.values())
+        dense = [k for k in self.model.state_dict() if k not in grouped]
+        return ParamGroups(self._expert_names, self._router_names, dense, self.num_layers, self.num_experts)
+
+    def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
+        """Dense + router parameters and the parameters of the selected experts.
+
+        ``selection`` is a BoolTensor[L, S]. Passing exactly these tensors to
+        ``loss.backward(inputs=...)`` makes autograd skip the weight gradients of
+        every other expert: they are never computed, never allocated, and the
+        optimizer (which skips parameters whose ``grad`` is None) leaves those
+        experts bit-for-bit unchanged, weight decay included.
+        """
+        names = self._dense_names + self._router_names
+        for l, e in selection.nonzero().tolist():
+            names = names + self._expert_names[(l, e)]
+        return [self._params[n] for n in names]
+
+    # --- routing records of the last forward pass ---------------------------------
+    def router_probs(self) -> torch.Tensor:
+        """Tensor[B, T, L, S]: each token's router probabilities in every MoE layer."""
+        return torch.stack([self._record(layer, "last_router_probs") for layer in self.layers], dim=2)
+
+    def dispatch(self) -> torch.Tensor:
+        """BoolTensor[B, T, L, S]: which experts each token was sent to."""
+        return torch.stack([self._record(layer, "last_dispatch") for layer in self.layers], dim=2)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Mean load-balancing loss over the MoE layers (with gradient)."""
+        return torch.stack([self._record(layer, "last_aux_loss") for layer in self.layers]).mean()
+
+    @staticmethod
+    def _record(layer: MoEFeedForward, attr: str) -> torch.Tensor:
+        value = getattr(layer, attr)
+        if value is None:
+            raise RuntimeError("no routing recorded yet: run a forward pass first")
+        return value
+

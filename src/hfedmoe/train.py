@@ -1,0 +1,206 @@
+"""One client's local training round, and evaluation of a model on held-out data.
+
+Per mini-batch (Algorithm 1 of the paper):
+1. forward with the model's own top-k routing, recording router probabilities;
+2. pool token probabilities into per-sample gates G_e(x_i)          (core.pool_token_scores)
+3. score the experts: I_b = s_b - beta * KL                           (core.ib_score, Eq. 3-14)
+4. select the best experts within the client's budget, covering
+   every MoE layer, among the experts that received tokens          (core.select_experts, Eq. 15)
+5. backward only into the selected experts (plus routers and dense
+   parameters) and step.
+Across the round it accumulates the client's usage u_c (Eq. 16) and its mean
+importance s^c, which the server needs for the gate weights (Eq. 18-20).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hfedmoe import core
+from hfedmoe.moe.access import ModularMoEAccess
+
+
+@dataclass
+class LocalTrainConfig:
+    """Hyper-parameters of a client's local round (the paper's defaults)."""
+
+    local_steps: int = 10
+    lr: float = 1e-4
+    new_param_lr_mult: float = 10.0  # router + task head start from scratch
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    lam: float = 0.9
+    beta: float = 0.1
+    pooling: str = "mean"
+    select_by: str = "ib"  # "ib" (Eq. 15) or "importance" (the paper's text: s_b)
+    aux_loss_coef: float = 0.01
+
+
+@dataclass
+class LocalTrainResult:
+    """What a client learned about its experts during one local round."""
+
+    num_samples: int
+    steps: int
+    train_loss: float
+    usage: torch.Tensor  # u_c, Tensor[L, S] (Eq. 16)
+    importance: torch.Tensor  # s^c, mean of s_b over the round's batches, Tensor[L, S]
+    trained: torch.Tensor  # BoolTensor[L, S]: selected in at least one batch
+    selection_counts: torch.Tensor  # Tensor[L, S]: batches in which each expert was selected
+    experts_trained_mean: float  # mean |E_active| per batch
+    peak_mem_bytes: int
+    wall_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def _new_parameter_names(access: ModularMoEAccess, model: nn.Module) -> set[str]:
+    names = set(access.router_param_names())
+    names |= {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
+    return names
+
+
+def make_optimizer(model: nn.Module, access: ModularMoEAccess, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+    """AdamW with a larger learning rate for parameters that start untrained."""
+    new = _new_parameter_names(access, model)
+    pretrained = [p for n, p in model.named_parameters() if n not in new]
+    fresh = [p for n, p in model.named_parameters() if n in new]
+    return torch.optim.AdamW(
+        [{"params": pretrained, "lr": cfg.lr}, {"params": fresh, "lr": cfg.lr * cfg.new_param_lr_mult}],
+        weight_decay=cfg.weight_decay,
+    )
+
+
+class PeakRSS:
+    """Peak resident memory of this process over a block (Linux; CPU runs).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``) on entry so the
+    peak belongs to the block; falls back to the process-lifetime ``ru_maxrss``.
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak_bytes = 0
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._proc = True
+        except OSError:
+            self._proc = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.peak_bytes = int(line.split()[1]) * 1024
+                        return
+        self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_local(
+    model: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    expert_budget: int,
+    cfg: LocalTrainConfig,
+) -> LocalTrainResult:
+    """Run ``cfg.local_steps`` HFedMoE steps on a client's batches.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The global model loaded into this client; trained in place.
+    batches : iterator of dict
+        Yields {"input_ids", "attention_mask", "labels"}; must not run out before
+        ``cfg.local_steps`` batches (use an endless iterator).
+    expert_budget : int
+        C_budget: the most experts trained per mini-batch, summed over layers.
+    cfg : LocalTrainConfig
+
+    Returns
+    -------
+    LocalTrainResult
+    """
+    access = ModularMoEAccess(model)
+    if expert_budget < access.num_layers:
+        raise ValueError(
+            f"expert budget {expert_budget} is below one expert per MoE layer: "
+            f"the minimum budget is {access.num_layers}"
+        )
+    optimizer = make_optimizer(model, access, cfg)
+    model.train()
+    shape = (access.num_layers, access.num_experts)
+    gate_sums = torch.zeros(shape, dtype=torch.float64)
+    importance_sum = torch.zeros(shape, dtype=torch.float64)
+    selection_counts = torch.zeros(shape, dtype=torch.long)
+    loss_sum, num_samples = 0.0, 0
+    start = time.perf_counter()
+    with PeakRSS() as peak:
+        for _ in range(cfg.local_steps):
+            batch = next(batches)
+            mask = batch["attention_mask"]
+            logits = model(batch["input_ids"], mask)
+            loss = F.cross_entropy(logits, batch["labels"])
+            total = loss + cfg.aux_loss_coef * access.aux_loss() if cfg.aux_loss_coef else loss
+
+            gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
+            real_tokens = mask.bool()[:, :, None, None]
+            candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
+            s_b = core.importance(gates, lam=cfg.lam)
+            scores = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta) if cfg.select_by == "ib" else s_b
+            selected = core.select_experts(scores, candidates, expert_budget)
+
+            params = access.trainable_parameters(selected)
+            total.backward(inputs=params)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            gate_sums += gates.sum(dim=0).double()
+            importance_sum += s_b.double()
+            selection_counts += selected.long()
+            loss_sum += loss.item() * len(mask)
+            num_samples += len(mask)
+    steps = cfg.local_steps
+    return LocalTrainResult(
+        num_samples=num_samples,
+        steps=steps,
+        train_loss=loss_sum / max(num_samples, 1),
+        usage=core.expert_usage(gate_sums, num_samples).float(),
+        importance=(importance_sum / steps).float(),
+        trained=selection_counts > 0,
+        selection_counts=selection_counts,
+        experts_trained_mean=float(selection_counts.sum()) / steps,
+        peak_mem_bytes=peak.peak_bytes,
+        wall_s=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, max_batches: int | None = None) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` over ``batches``."""
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
+        n += len(batch["labels"])
+    if n == 0:
+        raise ValueError("evaluation received no batches: the test set is empty")
+    return {"accuracy": correct / n, "loss": loss_sum / n, "num_examples": n}
+
+
+def set_torch_threads() -> None:
+    """Use the cores this process was given (Ray sets OMP_NUM_THREADS for actors)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class RunConfig:
     """Every knob of a federated run (CLI flag ``--x-y`` sets field ``x_y``)."""
 
-    rounds: int = 4
+    rounds: int = 3
     clients: int = 4
     local_steps: int = 10
     batch_size: int = 16

@@ -40,7 +40,10 @@ def _partition_id(context: Context) -> int:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which data partition this node holds."""
-    reply = ConfigRecord({"partition-id": _partition_id(context)})
+    num_partitions = int(context.node_config.get("num-partitions", 0))
+    if num_partitions < 1:
+        raise ValueError("this SuperNode has no 'num-partitions' in its node config")
+    reply = ConfigRecord({"partition-id": _partition_id(context), "num-partitions": num_partitions})
     return Message(content=RecordDict({"config": reply}), reply_to=msg)
 
 

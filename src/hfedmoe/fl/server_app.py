@@ -42,33 +42,61 @@ class LogReporter:
         log(INFO, "hfedmoe summary: %s", summary)
 
 
-def discover_nodes(grid: Grid, cfg: RunConfig, timeout_s: float = 600.0) -> dict[int, int]:
-    """Wait for ``cfg.clients`` nodes and ask each for its partition id."""
+def discover_nodes(grid: Grid, expected: int | None, timeout_s: float = 600.0) -> dict[int, int]:
+    """Wait for the client nodes and ask each for its partition id.
+
+    ``expected=None`` (``flwr run``: the federation decides how many SuperNodes
+    exist) takes the count from the first node's ``num-partitions``.
+    """
     deadline = time.monotonic() + timeout_s
-    while len(nodes := list(grid.get_node_ids())) < cfg.clients:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {cfg.clients} client nodes connected within {timeout_s:.0f}s")
-        time.sleep(0.5)
-    query = ConfigRecord({"run-config": cfg.to_json()})
+
+    def wait_for(count: int) -> list[int]:
+        while len(nodes := list(grid.get_node_ids())) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {count} client nodes connected within {timeout_s:.0f}s")
+            time.sleep(0.5)
+        return nodes
+
+    if expected is None:
+        expected = next(iter(_query(grid, wait_for(1)[:1], timeout_s).values()))[1]
+    replies = _query(grid, wait_for(expected), timeout_s)
+    counts = {n for _, (_, n) in replies.items()}
+    if counts != {expected}:
+        raise ConfigError(f"client nodes report num-partitions {sorted(counts)}; this run needs {expected}")
+    partitions = {node: pid for node, (pid, _) in replies.items()}
+    ids = sorted(partitions.values())
+    if ids != list(range(expected)):
+        raise ConfigError(f"client nodes report partition ids {ids}; expected each of 0..{expected - 1} once")
+    return partitions
+
+
+def _query(grid: Grid, nodes: list[int], timeout_s: float) -> dict[int, tuple[int, int]]:
+    """node id -> (partition-id, num-partitions) from each node's node config."""
     messages = [
-        Message(content=RecordDict({"config": query}), dst_node_id=n, message_type=MessageType.QUERY)
+        Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes
     ]
-    partitions: dict[int, int] = {}
+    found = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
                                f"{reply.error.reason}")
-        partitions[reply.metadata.src_node_id] = int(reply.content["config"]["partition-id"])
-    ids = sorted(partitions.values())
-    if ids != list(range(cfg.clients))[: len(ids)] or len(set(ids)) != len(ids):
-        raise ConfigError(f"client nodes report partition ids {ids}; expected distinct ids 0..{cfg.clients - 1}")
-    return partitions
+        config = reply.content["config"]
+        found[reply.metadata.src_node_id] = (int(config["partition-id"]), int(config["num-partitions"]))
+    if len(found) != len(nodes):
+        raise RuntimeError(f"{len(nodes) - len(found)} client node(s) did not answer the partition query")
+    return found
 
 
-def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None) -> dict:
-    """The whole federated run on the server side; returns the summary."""
+def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, clients_from_nodes: bool = False) -> dict:
+    """The whole federated run on the server side; returns the summary.
+
+    ``clients_from_nodes``: take the number of clients from the connected
+    SuperNodes (``flwr run``) instead of ``cfg.clients`` (``hfedmoe run``).
+    """
     reporter = reporter or LogReporter()
+    partitions = discover_nodes(grid, None if clients_from_nodes else cfg.clients)
+    cfg.clients = len(partitions)
     cfg.validate()
     set_torch_threads()
     model = build_model(cfg, pretrained=True)
@@ -77,7 +105,6 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None) -> 
     test = load_test_batches(cfg)
     recorder = RunRecorder(cfg.out or default_run_dir(), cfg)
 
-    partitions = discover_nodes(grid, cfg)
     node_budgets = {node: budgets[pid] for node, pid in sorted(partitions.items(), key=lambda kv: kv[1])}
     strategy = HFedMoE(access.param_groups(), node_budgets, cfg.to_json(), cfg.tau, cfg.gate_normalize)
     reporter.on_start({
@@ -118,8 +145,11 @@ def make_server_app(cfg: RunConfig | None = None, reporter: Reporter | None = No
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else RunConfig.from_flower_run_config(dict(context.run_config))
-        run_server(grid, run_cfg, reporter)
+        if cfg is not None:
+            run_server(grid, cfg, reporter)
+        else:
+            run_server(grid, RunConfig.from_flower_run_config(dict(context.run_config)), reporter,
+                       clients_from_nodes=True)
 
     return server
 

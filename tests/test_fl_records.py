@@ -1,0 +1,374 @@
+"""Server-side Flower logic without the Flower engine: reply validation and the HFedMoE strategy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from hfedmoe import core
+from hfedmoe.config import RunConfig
+from hfedmoe.fl.records import ReplyError, parse_reply, record_nbytes
+from hfedmoe.fl.strategy import HFedMoE
+from hfedmoe.moe.access import ModularMoEAccess, ParamGroups
+from hfedmoe.moe.upcycle import MoEClassifier, upcycle_bert_layers
+
+L, S = 2, 4
+NODE_A, NODE_B, NODE_C = 7, 9, 11
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower 1.41 reads run/node/task ids of the current process to create a message."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[ParamGroups, dict[str, torch.Tensor]]:
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=L, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    backbone = transformers.BertModel(config, add_pooling_layer=False)
+    upcycle_bert_layers(backbone, num_experts=S, top_k=2)
+    model = MoEClassifier(backbone, num_labels=3)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ModularMoEAccess(model).param_groups(), state
+
+
+def instruction(node_id: int) -> Message:
+    return Message(content=RecordDict({}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
+
+
+def stats(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    usage = torch.softmax(torch.randn(L, S, generator=g), dim=-1)
+    return {
+        "usage": usage,
+        "importance": torch.rand(L, S, generator=g) * 0.5 + 0.1,
+        "selection-counts": torch.randint(0, 5, (L, S), generator=g),
+    }
+
+
+def reply_content(
+    groups: ParamGroups,
+    client_state: dict[str, torch.Tensor],
+    experts: list[tuple[int, int]],
+    num_examples: int = 10,
+    stat: dict | None = None,
+    train_loss: float = 1.0,
+) -> dict:
+    """The three records of a well-formed reply, as editable dicts."""
+    keys = list(groups.dense) + list(groups.routers)
+    for le in experts:
+        keys += list(groups.experts[le])
+    return {
+        "arrays": {k: client_state[k] for k in keys},
+        "stats": dict(stat if stat is not None else stats(0)),
+        "metrics": {"num-examples": num_examples, "partition-id": 3, "train-loss": train_loss,
+                    "expert-budget": 4, "experts-uploaded": len(experts)},
+    }
+
+
+def to_reply(to: Message, parts: dict) -> Message:
+    records = {}
+    if "arrays" in parts:
+        records["arrays"] = ArrayRecord(parts["arrays"])
+    if "stats" in parts:
+        records["stats"] = ArrayRecord(parts["stats"])
+    if "metrics" in parts:
+        records["metrics"] = MetricRecord(parts["metrics"])
+    return Message(RecordDict(records), reply_to=to)
+
+
+# --- parse_reply ------------------------------------------------------------------------
+
+def test_reply_metadata_names_the_client_node():
+    reply = to_reply(instruction(NODE_A), {})
+    assert reply.metadata.src_node_id == NODE_A
+
+
+def test_parse_reply_accepts_and_splits_a_wellformed_reply(tiny):
+    groups, state = tiny
+    client = perturbed(state, 1)
+    parts = reply_content(groups, client, [(0, 0), (1, 2)], num_examples=17, stat=stats(5))
+    msg = to_reply(instruction(NODE_A), parts)
+    update = parse_reply(msg, groups, state)
+
+    assert update.node_id == NODE_A
+    assert update.partition_id == 3
+    assert update.num_examples == 17
+    assert set(update.experts) == set(groups.experts[(0, 0)]) | set(groups.experts[(1, 2)])
+    assert set(update.routers) == set(groups.routers)
+    assert set(update.dense) == set(groups.dense)
+    for part in (update.experts, update.routers, update.dense):
+        for k, v in part.items():
+            assert torch.equal(v, client[k])
+    torch.testing.assert_close(update.usage, stats(5)["usage"])
+    torch.testing.assert_close(update.importance, stats(5)["importance"])
+    assert torch.equal(update.selection_counts, stats(5)["selection-counts"])
+    # Array.data is the serialized (.npy) payload: tensor bytes plus a small header per tensor.
+    n_tensors = len(parts["arrays"]) + len(parts["stats"])
+    raw = sum(v.numel() * v.element_size() for v in [*parts["arrays"].values(), *parts["stats"].values()])
+    assert update.bytes_up == record_nbytes(ArrayRecord(parts["arrays"])) + record_nbytes(ArrayRecord(parts["stats"]))
+    assert raw <= update.bytes_up <= raw + 256 * n_tensors
+
+
+def _break_unknown_key(p, g):
+    p["arrays"]["backbone.not.a.param"] = torch.zeros(2)
+
+
+def _break_shape(p, g):
+    key = g.dense[0]
+    p["arrays"][key] = torch.zeros(3, 3)
+
+
+def _break_nan(p, g):
+    key = g.routers[0]
+    bad = p["arrays"][key].clone()
+    bad[0, 0] = float("nan")
+    p["arrays"][key] = bad
+
+
+def _break_inf(p, g):
+    key = g.experts[(0, 0)][0]
+    bad = p["arrays"][key].clone()
+    bad.view(-1)[0] = float("inf")
+    p["arrays"][key] = bad
+
+
+def _break_missing_dense(p, g):
+    del p["arrays"]["classifier.weight"]
+
+
+def _break_missing_router(p, g):
+    del p["arrays"][g.routers[1]]
+
+
+def _break_incomplete_expert(p, g):
+    del p["arrays"][g.experts[(0, 0)][2]]
+
+
+def _break_stats_shape(p, g):
+    p["stats"]["usage"] = torch.ones(L, S + 1) / (S + 1)
+
+
+def _break_stats_missing(p, g):
+    del p["stats"]["selection-counts"]
+
+
+def _break_num_examples(p, g):
+    del p["metrics"]["num-examples"]
+
+
+def _break_no_stats_record(p, g):
+    del p["stats"]
+
+
+@pytest.mark.parametrize(
+    "breaker, message",
+    [
+        (_break_unknown_key, r"unknown tensor.*backbone\.not\.a\.param"),
+        (_break_shape, r"has shape \(3, 3\), expected"),
+        (_break_nan, r"NaN or infinite"),
+        (_break_inf, r"NaN or infinite"),
+        (_break_missing_dense, r"lacks dense/router tensor.*classifier\.weight"),
+        (_break_missing_router, r"lacks dense/router tensor.*router"),
+        (_break_incomplete_expert, r"uploads expert \(0, 0\) without .*experts\.0\.fc2\.weight"),
+        (_break_stats_shape, r"stats 'usage' missing or not of shape \(2, 4\)"),
+        (_break_stats_missing, r"stats 'selection-counts' missing"),
+        (_break_num_examples, r"no valid num-examples"),
+        (_break_no_stats_record, r"has no 'stats' record"),
+    ],
+)
+def test_parse_reply_rejects_malformed_replies(tiny, breaker, message):
+    groups, state = tiny
+    parts = reply_content(groups, perturbed(state, 1), [(0, 0), (1, 1)])
+    breaker(parts, groups)
+    msg = to_reply(instruction(NODE_B), parts)
+    with pytest.raises(ReplyError, match=message) as info:
+        parse_reply(msg, groups, state)
+    assert f"node {NODE_B}" in str(info.value)
+
+
+def test_parse_reply_rejects_an_error_reply(tiny):
+    groups, state = tiny
+    msg = Message(Error(code=0, reason="out of memory"), reply_to=instruction(NODE_C))
+    with pytest.raises(ReplyError, match=f"node {NODE_C} failed: out of memory"):
+        parse_reply(msg, groups, state)
+
+
+# --- HFedMoE strategy -------------------------------------------------------------------
+
+RUN_CONFIG = RunConfig(clients=3).to_json()
+
+
+def make_strategy(groups, budgets=None) -> HFedMoE:
+    budgets = budgets or {NODE_A: L * S, NODE_B: L, NODE_C: 5}
+    return HFedMoE(groups, budgets, RUN_CONFIG, tau=0.05, gate_normalize=True)
+
+
+def test_configure_train_sends_each_node_its_budget(tiny):
+    groups, state = tiny
+    strategy = make_strategy(groups)
+    arrays = ArrayRecord(state)
+    messages = list(strategy.configure_train(4, arrays, ConfigRecord({"lr": 0.5}), grid=object()))
+    assert [m.metadata.dst_node_id for m in messages] == [NODE_A, NODE_B, NODE_C]
+    budgets = {NODE_A: L * S, NODE_B: L, NODE_C: 5}
+    for m in messages:
+        assert m.metadata.message_type == MessageType.TRAIN
+        config = m.content["config"]
+        assert config["expert-budget"] == budgets[m.metadata.dst_node_id]
+        assert config["run-config"] == RUN_CONFIG
+        assert RunConfig.from_json(config["run-config"]).clients == 3
+        assert config["server-round"] == 4
+        assert config["lr"] == 0.5
+        sent = m.content["arrays"].to_torch_state_dict()
+        assert set(sent) == set(state)
+        assert all(torch.equal(sent[k], state[k]) for k in state)
+    assert strategy.round_info[4]["bytes_down"] == 3 * record_nbytes(arrays)
+
+
+def test_strategy_needs_a_node():
+    with pytest.raises(ValueError, match="at least one client"):
+        HFedMoE(ParamGroups({}, [], [], 0, 0), {}, RUN_CONFIG)
+
+
+def _round(groups, state, strategy, server_round=1):
+    """configure_train, then the well-formed replies of A and B (plus the instruction for C)."""
+    messages = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord({}), grid=object())
+    }
+    a_state, b_state = perturbed(state, 11), perturbed(state, 12)
+    a = reply_content(groups, a_state, [(0, 0)], num_examples=30, stat=stats(21), train_loss=2.0)
+    b = reply_content(groups, b_state, [(0, 0), (1, 1)], num_examples=10, stat=stats(22), train_loss=1.0)
+    return messages, (a_state, a), (b_state, b)
+
+
+def _check_two_client_aggregate(groups, state, new, a_state, b_state):
+    assert set(new) == set(state)
+    n_a, n_b = 30, 10
+    # Eq. 17: expert (0,0) is the num_examples-weighted mean of A and B
+    for k in groups.experts[(0, 0)]:
+        torch.testing.assert_close(new[k], (n_a * a_state[k] + n_b * b_state[k]) / (n_a + n_b))
+    # (1,1): only B uploaded it
+    for k in groups.experts[(1, 1)]:
+        assert torch.equal(new[k], b_state[k])
+    # nobody uploaded the others: previous global value, exactly
+    for le, names in groups.experts.items():
+        if le not in {(0, 0), (1, 1)}:
+            for k in names:
+                assert torch.equal(new[k], state[k]), f"expert {le} changed: {k}"
+    # dense: FedAvg
+    for k in groups.dense:
+        torch.testing.assert_close(new[k], (n_a * a_state[k] + n_b * b_state[k]) / (n_a + n_b))
+    # routers: alpha-weighted sum (Eq. 18-21)
+    alpha = core.gate_weights(
+        torch.stack([stats(21)["usage"], stats(22)["usage"]]),
+        torch.stack([stats(21)["importance"], stats(22)["importance"]]),
+        tau=0.05, normalize=True,
+    )
+    assert not torch.allclose(alpha, torch.full((2,), 0.5))  # the test distinguishes alpha from a plain mean
+    for k in groups.routers:
+        torch.testing.assert_close(new[k], alpha[0] * a_state[k] + alpha[1] * b_state[k])
+    return alpha
+
+
+def test_aggregate_train_sparse_experts_dense_and_routers(tiny):
+    groups, state = tiny
+    strategy = make_strategy(groups)
+    messages, (a_state, a), (b_state, b) = _round(groups, state, strategy)
+    replies = [to_reply(messages[NODE_A], a), to_reply(messages[NODE_B], b)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    alpha = _check_two_client_aggregate(groups, state, arrays.to_torch_state_dict(), a_state, b_state)
+    info = strategy.round_info[1]
+    assert info["failures"] == []
+    assert info["alpha"] == pytest.approx(alpha.tolist())
+    assert [row["node_id"] for row in info["clients"]] == [NODE_A, NODE_B]
+    assert [row["num_examples"] for row in info["clients"]] == [30, 10]
+    assert [row["experts_uploaded"] for row in info["clients"]] == [1, 2]
+    assert info["bytes_up"] == sum(row["bytes_up"] for row in info["clients"]) > 0
+    assert metrics["clients"] == 2 and metrics["failures"] == 0
+    assert metrics["train-loss"] == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
+
+
+def test_aggregate_train_drops_a_malformed_reply_and_keeps_the_others(tiny):
+    groups, state = tiny
+    strategy = make_strategy(groups)
+    messages, (a_state, a), (b_state, b) = _round(groups, state, strategy)
+    bad = reply_content(groups, perturbed(state, 13), [(1, 3)], num_examples=1000)
+    bad["arrays"]["classifier.bias"] = torch.full_like(state["classifier.bias"], float("nan"))
+    replies = [to_reply(messages[NODE_A], a), to_reply(messages[NODE_C], bad), to_reply(messages[NODE_B], b)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    _check_two_client_aggregate(groups, state, arrays.to_torch_state_dict(), a_state, b_state)
+    failures = strategy.round_info[1]["failures"]
+    assert len(failures) == 1
+    assert failures[0]["node_id"] == NODE_C
+    assert "NaN" in failures[0]["reason"] and "classifier.bias" in failures[0]["reason"]
+    assert metrics["clients"] == 2 and metrics["failures"] == 1
+
+
+def test_aggregate_train_with_no_usable_reply_keeps_the_model(tiny):
+    groups, state = tiny
+    strategy = make_strategy(groups)
+    messages, (a_state, a), (b_state, b) = _round(groups, state, strategy)
+    del a["metrics"]["num-examples"]
+    del b["arrays"][groups.experts[(1, 1)][0]]
+    error = Message(Error(code=0, reason="crashed"), reply_to=messages[NODE_C])
+    replies = [to_reply(messages[NODE_A], a), to_reply(messages[NODE_B], b), error]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    info = strategy.round_info[1]
+    assert [f["node_id"] for f in info["failures"]] == [NODE_A, NODE_B, NODE_C]
+    assert info["alpha"] == [] and info["clients"] == []
+    # the strategy's view of the global model is untouched: a later round still
+    # aggregates against the state it sent
+    assert all(torch.equal(strategy._current[k], state[k]) for k in state)
+    messages2, (a2_state, a2), (b2_state, b2) = _round(groups, state, strategy, server_round=2)
+    arrays, _ = strategy.aggregate_train(2, [to_reply(messages2[NODE_A], a2), to_reply(messages2[NODE_B], b2)])
+    _check_two_client_aggregate(groups, state, arrays.to_torch_state_dict(), a2_state, b2_state)
+
+
+def _negative_usage(stat):
+    stat["usage"] = stat["usage"].clone()
+    stat["usage"][0, 0] = -0.5
+
+
+def _nan_importance(stat):
+    stat["importance"] = stat["importance"].clone()
+    stat["importance"][:] = float("nan")
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(_negative_usage, marks=pytest.mark.xfail(
+            strict=True, raises=ValueError,
+            reason="parse_reply does not validate stats values: negative usage crashes aggregate_train")),
+        pytest.param(_nan_importance, marks=pytest.mark.xfail(
+            strict=True, raises=AssertionError,
+            reason="parse_reply does not validate stats values: NaN importance silently makes alpha uniform")),
+    ],
+)
+def test_aggregate_train_drops_a_reply_with_invalid_stats(tiny, corrupt):
+    groups, state = tiny
+    strategy = make_strategy(groups)
+    messages, (a_state, a), (b_state, b) = _round(groups, state, strategy)
+    bad = reply_content(groups, perturbed(state, 13), [(1, 3)], num_examples=5, stat=stats(23))
+    corrupt(bad["stats"])
+    replies = [to_reply(messages[NODE_A], a), to_reply(messages[NODE_C], bad), to_reply(messages[NODE_B], b)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert [f["node_id"] for f in strategy.round_info[1]["failures"]] == [NODE_C]
+    _check_two_client_aggregate(groups, state, arrays.to_torch_state_dict(), a_state, b_state)

@@ -1,0 +1,125 @@
+"""End to end: real federated runs through Flower's engines, on a shrunken config.
+
+These start real processes (Ray; a local SuperLink for `flwr run`) and check that
+none is left behind afterwards. Everything is offline: the embedded MiniLM and
+BBC News come from PyPI packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from proc_marker import MARKER, marked_pids, new_marker, stop_marked  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL = ["--local-steps", "2", "--batch-size", "4", "--max-length", "16", "--num-experts", "4",
+         "--eval-batch-size", "128"]
+
+
+def _env(marker: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        MARKER: marker,
+        "HF_HUB_OFFLINE": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        **extra,
+    })
+    return env
+
+
+def _run(cmd: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_hfedmoe_run_two_rounds_two_clients(tmp_path):
+    marker = new_marker()
+    out = tmp_path / "run"
+    try:
+        proc = _run([str(BIN / "hfedmoe"), "run", "--rounds", "2", "--clients", "2", "--out", str(out), *SMALL],
+                    _env(marker), timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        time.sleep(1.0)
+        assert marked_pids(marker) == [], "the run left processes behind"
+    finally:
+        stop_marked(marker)
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        for key in ("round", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s", "clients"):
+            assert key in row
+        assert 0.0 <= row["accuracy"] <= 1.0
+    for row in rows[1:]:
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert sorted(c["id"] for c in row["clients"]) == [0, 1]
+        for client in row["clients"]:
+            for key in ("id", "num_examples", "expert_budget", "experts_trained", "experts_uploaded",
+                        "peak_mem_bytes", "train_loss"):
+                assert key in client
+            # 6 MoE layers x 4 experts; default budgets: client 0 all 24, client 1 half.
+            assert client["experts_trained"] <= client["expert_budget"]
+            assert client["experts_trained"] >= 6  # at least one expert per layer
+            assert client["num_examples"] > 0 and client["peak_mem_bytes"] > 0
+        assert sorted(c["expert_budget"] for c in row["clients"]) == [12, 24]
+        # The constrained client uploads fewer experts than exist.
+        constrained = min(row["clients"], key=lambda c: c["expert_budget"])
+        assert constrained["experts_uploaded"] < 24
+    # Training moves the model: the loss after two rounds differs from the start.
+    assert rows[-1]["loss"] != rows[0]["loss"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["final_accuracy"] == rows[-1]["accuracy"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["clients"] == 2 and config["num_experts"] == 4
+    state = load_file(str(out / "final" / "model.safetensors"))
+    assert any(".experts.3." in key for key in state) and "classifier.weight" in state
+
+
+def test_budget_below_one_expert_per_layer_fails_clearly(tmp_path):
+    marker = new_marker()
+    try:
+        proc = _run([str(BIN / "hfedmoe"), "run", "--clients", "2", "--expert-budgets", "3,48",
+                     "--out", str(tmp_path / "r")], _env(marker), timeout=120)
+    finally:
+        stop_marked(marker)
+    assert proc.returncode == 2
+    assert "minimum budget is 6" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists(), "nothing may be started or written for a rejected config"
+
+
+@pytest.mark.skipif(shutil.which("flwr", path=str(BIN)) is None, reason="flwr CLI not installed")
+def test_flwr_run_dot_works_as_a_flower_app(tmp_path):
+    """A Flower user's `flwr run .`: local SuperLink, simulation, our ServerApp/ClientApp."""
+    marker = new_marker()
+    out = tmp_path / "flwr-run"
+    env = _env(marker, FLWR_HOME=str(tmp_path / "flwr-home"))
+    run_config = (f"num-server-rounds=1 local-steps=1 max-length=16 num-experts=4 "
+                  f"eval-batch-size=128 out='{out}'")
+    try:
+        proc = _run([str(BIN / "flwr"), "run", ".", "--run-config", run_config, "--stream"], env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        deadline = time.monotonic() + 120
+        while not (out / "summary.json").exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert (out / "summary.json").exists(), proc.stdout[-3000:]
+    finally:
+        # `flwr run` leaves a detached local SuperLink running: stop it by PID.
+        stop_marked(marker)
+    assert marked_pids(marker) == []
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert len(rows[1]["clients"]) >= 1

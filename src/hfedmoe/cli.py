@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from dataclasses import fields
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run(args: argparse.Namespace) -> int:
     from hfedmoe.progress import RichReporter
     from hfedmoe.rundir import default_run_dir
@@ -89,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
     from hfedmoe.fl.simulation import run_simulation
 
     reporter = RichReporter(cfg)
+    # SIGTERM -> SystemExit, so the `finally` that stops Ray's processes runs.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         summary = run_simulation(cfg, reporter, verbose=args.verbose)
     except KeyboardInterrupt:

@@ -53,7 +53,6 @@ def test_validate_names_the_invalid_flag(changes, flag):
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.xfail(strict=True, reason="RunConfig.validate lets beta=NaN through (`nan < 0` is False)")
 def test_validate_rejects_nan_beta():
     with pytest.raises(ConfigError, match="--beta"):
         RunConfig(beta=float("nan")).validate()

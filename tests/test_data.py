@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
-# Let `pytest` work from a plain checkout (src layout) without `pip install -e .`.
-if importlib.util.find_spec("hfedmoe") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from hfedmoe.data import (  # noqa: E402
+from hfedmoe.data import (
     TensorBatches,
     TextDataset,
     embedded_tokenizer_path,

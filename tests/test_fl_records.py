@@ -354,12 +354,8 @@ def _nan_importance(stat):
 @pytest.mark.parametrize(
     "corrupt",
     [
-        pytest.param(_negative_usage, marks=pytest.mark.xfail(
-            strict=True, raises=ValueError,
-            reason="parse_reply does not validate stats values: negative usage crashes aggregate_train")),
-        pytest.param(_nan_importance, marks=pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="parse_reply does not validate stats values: NaN importance silently makes alpha uniform")),
+        _negative_usage,
+        _nan_importance,
     ],
 )
 def test_aggregate_train_drops_a_reply_with_invalid_stats(tiny, corrupt):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from proc_marker import MARKER, marked_pids, new_marker, stop_marked  # noqa: E402
+# tests/ is on sys.path (pytest's default rootdir-relative import of test modules).
+from proc_marker import MARKER, marked_pids, new_marker, stop_marked
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

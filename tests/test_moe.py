@@ -92,7 +92,6 @@ def test_upcycle_rejects_a_model_without_bert_layers():
         upcycle_bert_layers(torch.nn.Linear(2, 2), num_experts=2, top_k=1)
 
 
-@pytest.mark.xfail(strict=True, reason="upcycle_bert_layers ignores config.hidden_act: experts always use GELU")
 def test_upcycling_a_non_gelu_bert_preserves_the_function_or_refuses():
     dense = tiny_bert(hidden_act="relu").eval()
     moe = copy.deepcopy(dense)
@@ -110,7 +109,6 @@ def test_upcycling_a_non_gelu_bert_preserves_the_function_or_refuses():
         )
 
 
-@pytest.mark.xfail(strict=True, reason="with chunk_size_feed_forward > 0 the MoE records only the last chunk")
 def test_upcycled_model_with_ffn_chunking_records_every_token():
     backbone = tiny_bert(chunk_size_feed_forward=2)
     upcycle_bert_layers(backbone, num_experts=S, top_k=K)

@@ -131,9 +131,6 @@ def test_stop_descendants_kills_a_process_that_ignores_sigterm():
         _kill(procs, [])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="stop_descendants returns right after SIGKILL without waiting for the process to "
-                          "die, so a slow-exiting child is still alive on return and never reaped (zombie)")
 def test_stop_descendants_waits_for_sigkilled_children_and_reaps_them(monkeypatch):
     """A process takes a few ms to exit after SIGKILL (memory teardown); whether
     stop_descendants' WNOHANG reap sees it dead is a race. Make the exit take 50 ms,

@@ -60,17 +60,17 @@ class RunConfig:
                     "eval_batch_size")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}")
         for name in ("lr", "alpha"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{_flag(name)} must be a positive number, got {value!r}")
-        if not 0.0 <= self.lam <= 1.0:
+        if not (isinstance(self.lam, (int, float)) and 0.0 <= self.lam <= 1.0):
             raise ConfigError(f"--lam must lie in [0, 1], got {self.lam}")
-        if self.beta < 0:
-            raise ConfigError(f"--beta must be >= 0, got {self.beta}")
-        if not 0.0 <= self.tau <= 1.0:
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"--beta must be a finite number >= 0, got {self.beta}")
+        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
             raise ConfigError(f"--tau must lie in [0, 1] (a usage threshold), got {self.tau}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")

@@ -44,6 +44,10 @@ def stop_descendants(grace_s: float = 5.0) -> list[int]:
     for pid in pids:
         if _alive(pid):
             _signal(pid, signal.SIGKILL)
+    # A killed process takes a few ms to exit; wait so it can be reaped below.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.01)
     # Reap our direct children so they do not linger as zombies.
     for pid in pids:
         try:

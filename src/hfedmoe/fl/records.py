@@ -44,7 +44,8 @@ class ClientUpdate:
 
 
 def record_nbytes(record: ArrayRecord) -> int:
-    """Payload bytes of an ArrayRecord (tensor data only, no framing)."""
+    """Serialised bytes of an ArrayRecord's arrays (tensor data plus each array's
+    small .npy header, about 128 bytes; the message envelope is not counted)."""
     return sum(len(array.data) for array in record.values())
 
 
@@ -65,6 +66,8 @@ def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Te
     if unknown:
         raise ReplyError(f"reply of node {node} has unknown tensor(s) {unknown[:3]}")
     for key, value in arrays.items():
+        if value.dtype != reference[key].dtype:
+            raise ReplyError(f"reply of node {node}: {key} has dtype {value.dtype}, expected {reference[key].dtype}")
         if tuple(value.shape) != tuple(reference[key].shape):
             raise ReplyError(
                 f"reply of node {node}: {key} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}"
@@ -85,9 +88,14 @@ def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Te
     for name in ("usage", "importance", "selection-counts"):
         if name not in stats or tuple(stats[name].shape) != shape:
             raise ReplyError(f"reply of node {node}: stats {name!r} missing or not of shape {shape}")
-    num_examples = int(metrics.get("num-examples", -1))
-    if num_examples < 0:
-        raise ReplyError(f"reply of node {node} has no valid num-examples")
+        # Usage and importance feed the gate weights: one bad value would skew or
+        # crash the router merge for everyone.
+        values = stats[name].double()
+        if not (torch.isfinite(values).all() and (values >= 0).all()):
+            raise ReplyError(f"reply of node {node}: stats {name!r} must be finite and >= 0")
+    num_examples = int(metrics.get("num-examples", 0))
+    if num_examples < 1:
+        raise ReplyError(f"reply of node {node} has no valid num-examples (must be >= 1)")
     return ClientUpdate(
         node_id=node,
         partition_id=int(metrics.get("partition-id", -1)),

@@ -87,6 +87,8 @@ class HFedMoE(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate replies, then aggregate experts, routers and dense parameters."""
+        if not self._current:
+            raise RuntimeError("aggregate_train called before configure_train: the strategy has no global model")
         updates: list[ClientUpdate] = []
         failures: list[dict] = []
         for msg in replies:

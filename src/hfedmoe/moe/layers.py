@@ -18,18 +18,30 @@ from torch import nn
 from torch.nn import functional as F
 
 
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
 class ExpertFFN(nn.Module):
     """One expert: Linear -> activation -> Linear (the shape of a BERT FFN)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "gelu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported expert activation {activation!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        self.activation = activation
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
-        if activation != "gelu":
-            raise ValueError(f"unsupported expert activation {activation!r}; only 'gelu' is implemented")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 class MoEFeedForward(nn.Module):
@@ -55,14 +67,18 @@ class MoEFeedForward(nn.Module):
         so a trainer can add it to keep routing from collapsing.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int = 2):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int = 2, activation: str = "gelu"
+    ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = nn.ModuleList(ExpertFFN(hidden_size, intermediate_size) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            ExpertFFN(hidden_size, intermediate_size, activation) for _ in range(num_experts)
+        )
         self.last_router_probs: torch.Tensor | None = None
         self.last_dispatch: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None

@@ -74,10 +74,13 @@ def upcycle_bert_layers(backbone: nn.Module, num_experts: int, top_k: int, seed:
     layers = getattr(getattr(backbone, "encoder", None), "layer", None)
     if layers is None:
         raise ValueError("cannot upcycle: the model has no BERT-style `encoder.layer` list")
+    activation = getattr(backbone.config, "hidden_act", "gelu")
+    if not isinstance(activation, str):
+        raise ValueError("cannot upcycle: the encoder's hidden_act is not a named activation")
     generator = torch.Generator().manual_seed(seed)
     for layer in layers:
         fc1, fc2 = layer.intermediate.dense, layer.output.dense
-        moe = MoEFeedForward(fc1.in_features, fc1.out_features, num_experts, top_k)
+        moe = MoEFeedForward(fc1.in_features, fc1.out_features, num_experts, top_k, activation)
         with torch.no_grad():
             for expert in moe.experts:
                 expert.fc1.weight.copy_(fc1.weight)
@@ -88,6 +91,9 @@ def upcycle_bert_layers(backbone: nn.Module, num_experts: int, top_k: int, seed:
             moe.router.weight.normal_(0.0, 0.02, generator=generator)
         layer.intermediate = moe
         layer.output.dense = nn.Identity()
+        # Chunked feed-forward would call the MoE once per chunk and keep only the
+        # last chunk's routing record; routing must see the whole sequence.
+        layer.chunk_size_feed_forward = 0
 
 
 def build_upcycled_classifier(spec: UpcycledSpec, pretrained: bool = True, seed: int = 0) -> MoEClassifier:

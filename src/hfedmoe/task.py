@@ -155,7 +155,3 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-
-def state_dict_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached parameter + persistent buffer tensors (what crosses the wire)."""
-    return {k: v.detach() for k, v in model.state_dict().items()}

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hfedmoe import core
-from hfedmoe.moe.access import ModularMoEAccess
+from hfedmoe.moe.access import MoEAccess, make_access
 
 
 @dataclass
@@ -61,15 +61,13 @@ class LocalTrainResult:
     extra: dict = field(default_factory=dict)
 
 
-def _new_parameter_names(access: ModularMoEAccess, model: nn.Module) -> set[str]:
-    names = set(access.router_param_names())
-    names |= {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
-    return names
+def make_optimizer(model: nn.Module, access: MoEAccess, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+    """AdamW with a larger learning rate for parameters that start untrained.
 
-
-def make_optimizer(model: nn.Module, access: ModularMoEAccess, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
-    """AdamW with a larger learning rate for parameters that start untrained."""
-    new = _new_parameter_names(access, model)
+    Built fresh every round: clients are stateless between rounds (as in FedAvg),
+    so optimizer moments never carry over from one global model to the next.
+    """
+    new = access.new_parameter_names()
     pretrained = [p for n, p in model.named_parameters() if n not in new]
     fresh = [p for n, p in model.named_parameters() if n in new]
     return torch.optim.AdamW(
@@ -128,7 +126,7 @@ def train_local(
     -------
     LocalTrainResult
     """
-    access = ModularMoEAccess(model)
+    access = make_access(model)
     if expert_budget < access.num_layers:
         raise ValueError(
             f"expert budget {expert_budget} is below one expert per MoE layer: "
@@ -148,7 +146,8 @@ def train_local(
             mask = batch["attention_mask"]
             logits = model(batch["input_ids"], mask)
             loss = F.cross_entropy(logits, batch["labels"])
-            total = loss + cfg.aux_loss_coef * access.aux_loss() if cfg.aux_loss_coef else loss
+            aux = access.aux_loss() if cfg.aux_loss_coef else None
+            total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
 
             gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
             real_tokens = mask.bool()[:, :, None, None]
@@ -160,7 +159,8 @@ def train_local(
             params = access.trainable_parameters(selected)
             total.backward(inputs=params)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            with access.freeze_unselected(selected):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             gate_sums += gates.sum(dim=0).double()

@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from hfedmoe.config import RunConfig
-from hfedmoe.task import ClientData, build_model, load_client_data, state_dict_of
-from hfedmoe.moe.access import ModularMoEAccess
+from hfedmoe.moe.access import make_access
+from hfedmoe.task import ClientData, build_model, load_client_data
 from hfedmoe.train import LocalTrainConfig, set_torch_threads, train_local
 
 app = ClientApp()
@@ -66,7 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, model, data = _client(str(config["run-config"]), _partition_id(context))
     budget = int(config["expert-budget"])
     server_round = int(config["server-round"])
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    access = make_access(model)
+    access.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
 
     local = LocalTrainConfig(
         local_steps=cfg.local_steps, lr=cfg.lr, new_param_lr_mult=cfg.new_param_lr_mult, lam=cfg.lam,
@@ -78,9 +79,8 @@ def train(msg: Message, context: Context) -> Message:
     # Upload only the experts this client really used: trained in some batch and
     # with usage u_c >= tau (Eq. 18's S_c). An untrained expert equals the global one,
     # so uploading it would only drag the average back.
-    access = ModularMoEAccess(model)
     upload = result.trained & (result.usage >= cfg.tau)
-    state = state_dict_of(model)
+    state = access.state_dict()
     groups = access.param_groups()
     keep = set(groups.dense) | set(groups.routers)
     for layer, expert in upload.nonzero().tolist():

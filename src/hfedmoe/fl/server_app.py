@@ -17,9 +17,9 @@ from flwr.supercore import log
 
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.moe.access import ModularMoEAccess
+from hfedmoe.moe.access import make_access
 from hfedmoe.rundir import RunRecorder, default_run_dir
-from hfedmoe.task import build_model, label_names, load_test_batches, model_spec, state_dict_of
+from hfedmoe.task import build_model, label_names, load_test_batches, model_spec
 from hfedmoe.train import evaluate, set_torch_threads
 
 
@@ -100,7 +100,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     cfg.validate()
     set_torch_threads()
     model = build_model(cfg, pretrained=True)
-    access = ModularMoEAccess(model)
+    access = make_access(model)
     budgets = cfg.budgets_for(access.num_layers)
     test = load_test_batches(cfg)
     recorder = RunRecorder(cfg.out or default_run_dir(), cfg)
@@ -113,7 +113,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     })
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        access.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         scores = evaluate(model, test)
         info = strategy.round_info.get(server_round, {})
         row = {
@@ -130,9 +130,9 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
     result = strategy.start(
-        grid, ArrayRecord(state_dict_of(model)), num_rounds=cfg.rounds, evaluate_fn=evaluate_fn
+        grid, ArrayRecord(access.state_dict()), num_rounds=cfg.rounds, evaluate_fn=evaluate_fn
     )
-    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else state_dict_of(model)
+    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else access.state_dict()
     model_info = {"spec": model_spec(cfg).to_dict(), "label_names": label_names(cfg)}
     summary = recorder.finish(final_state, model_info)
     reporter.on_end(summary)

@@ -1,5 +1,13 @@
 """Model access: one small interface over a model's MoE structure.
 
+Every layout implements the same methods (see :class:`MoEAccess`); the trainer and
+the Flower layer use nothing else. Layouts: separate expert modules
+(:class:`ModularMoEAccess`, the embedded upcycled model) here; fused 3-D expert
+tensors of transformers 5.x families in :mod:`hfedmoe.moe.hf_fused` when present.
+The wire/state format is always one key per expert tensor ("virtual" keys for
+fused layouts), so aggregation never sees the layout.
+
+
 Everything above this layer (the local trainer, the Flower strategy) talks about
 "expert e of MoE layer l", "the routers" and "the dense parameters"; this module
 maps those onto a concrete model's parameters and its routing records. Layers are
@@ -16,6 +24,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
 
 from hfedmoe.moe.layers import MoEFeedForward
 
@@ -51,6 +63,24 @@ class ParamGroups:
     def all_expert_keys(self) -> list[str]:
         return [name for names in self.experts.values() for name in names]
 
+
+class MoEAccess(Protocol):
+    """What the trainer and the Flower layer need from a MoE model."""
+
+    model: nn.Module
+    num_experts: int
+
+    @property
+    def num_layers(self) -> int: ...
+    def param_groups(self) -> "ParamGroups": ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None: ...
+    def new_parameter_names(self) -> set[str]: ...
+    def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]: ...
+    def freeze_unselected(self, selection: torch.Tensor) -> contextlib.AbstractContextManager: ...
+    def router_probs(self) -> torch.Tensor: ...
+    def dispatch(self) -> torch.Tensor: ...
+    def aux_loss(self) -> torch.Tensor | None: ...
 
 
 class ModularMoEAccess:
@@ -118,6 +148,27 @@ class ModularMoEAccess:
         dense = [k for k in self.model.state_dict() if k not in grouped]
         return ParamGroups(self._expert_names, self._router_names, dense, self.num_layers, self.num_experts)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached parameters and persistent buffers: what crosses the wire."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        self.model.load_state_dict(state, strict=strict)
+
+    def new_parameter_names(self) -> set[str]:
+        """Parameters that start untrained (routers, task head): larger learning rate."""
+        names = set(self._router_names)
+        return names | {n for n in self._params if n.startswith("classifier.")}
+
+    @contextlib.contextmanager
+    def freeze_unselected(self, selection: torch.Tensor) -> Iterator[None]:
+        """Guard around ``optimizer.step()``; nothing to do for separate experts.
+
+        Unselected experts got no gradient (see :meth:`trainable_parameters`), so the
+        optimizer skips them entirely. Fused layouts restore their slices here.
+        """
+        yield
+
     def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
         """Dense + router parameters and the parameters of the selected experts.
 
@@ -152,3 +203,18 @@ class ModularMoEAccess:
             raise RuntimeError("no routing recorded yet: run a forward pass first")
         return value
 
+
+def make_access(model: nn.Module) -> MoEAccess:
+    """The access layer for ``model``'s layout, detected from its module structure."""
+    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+        return ModularMoEAccess(model)
+    try:
+        from hfedmoe.moe import hf_fused
+    except ImportError:  # fused layouts not available in this build
+        hf_fused = None
+    if hf_fused is not None and hf_fused.detect(model):
+        return hf_fused.FusedMoEAccess(model)
+    raise NoMoELayersError(
+        f"{type(model).__name__} has no Mixture-of-Experts layer hfedmoe can drive: pass a MoE model "
+        "(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, Switch) or a BERT-style encoder to upcycle"
+    )

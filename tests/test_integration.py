@@ -123,3 +123,23 @@ def test_flwr_run_dot_works_as_a_flower_app(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     assert len(rows[1]["clients"]) >= 1
+
+
+def test_bench_quick_prints_the_ratios_as_json(tmp_path):
+    """`hfedmoe bench --quick` runs end to end and ends with one JSON line (no timing asserted)."""
+    marker = new_marker()
+    try:
+        proc = _run([str(BIN / "hfedmoe"), "bench", "--quick", "--out", str(tmp_path / "bench")],
+                    _env(marker), timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        time.sleep(1.0)
+        assert marked_pids(marker) == [], "the benchmark left processes behind"
+    finally:
+        stop_marked(marker)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("selection_overhead", "upload_over_floor", "runtime_overhead", "upload_vs_fedavg_full"):
+        assert isinstance(result[key], (int, float)) and result[key] > 0, key
+    # Uploading can never cost less than the raw bytes uploaded.
+    assert result["upload_over_floor"] >= 1.0
+    # The bare loop is the same computation as the federated run: same accuracies.
+    assert result["bare_accuracy"] == result["federated_accuracy"]

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
             kind = parse_int_list
         run.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=_HELP.get(f.name))
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+    bench = sub.add_parser("bench", help="measure the system's own costs (selection, upload, runtime overhead)")
+    bench.add_argument("--quick", action="store_true", help="about a minute: 2 clients, 3 short rounds")
+    bench.add_argument("--out", default=None, help="directory for the benchmark's runs (default: a temp dir)")
     return parser
 
 
@@ -69,7 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "bench":
+        return _bench(args)
     return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from hfedmoe.bench import run_bench
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    result = run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None, log=log)
+    for key in ("selection_overhead", "upload_over_floor", "upload_vs_fedavg_full", "runtime_overhead"):
+        log(f"{key:>22}: {result[key]}")
+    print(json.dumps(result), flush=True)  # the last line: machine-readable
+    return 0
 
 
 def _exit_on_sigterm(signum, frame) -> None:

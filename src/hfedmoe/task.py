@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from hfedmoe.config import EMBEDDED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig
 from hfedmoe.data import (
     TensorBatches,

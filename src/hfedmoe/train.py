@@ -58,6 +58,7 @@ class LocalTrainResult:
     experts_trained_mean: float  # mean |E_active| per batch
     peak_mem_bytes: int
     wall_s: float
+    select_s: float  # time spent pooling, scoring and selecting (the method's own overhead)
     extra: dict = field(default_factory=dict)
 
 
@@ -139,6 +140,7 @@ def train_local(
     importance_sum = torch.zeros(shape, dtype=torch.float64)
     selection_counts = torch.zeros(shape, dtype=torch.long)
     loss_sum, num_samples = 0.0, 0
+    select_s = 0.0
     start = time.perf_counter()
     with PeakRSS() as peak:
         for _ in range(cfg.local_steps):
@@ -149,12 +151,14 @@ def train_local(
             aux = access.aux_loss() if cfg.aux_loss_coef else None
             total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
 
+            t_select = time.perf_counter()
             gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
             real_tokens = mask.bool()[:, :, None, None]
             candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
             s_b = core.importance(gates, lam=cfg.lam)
             scores = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta) if cfg.select_by == "ib" else s_b
             selected = core.select_experts(scores, candidates, expert_budget)
+            select_s += time.perf_counter() - t_select
 
             params = access.trainable_parameters(selected)
             total.backward(inputs=params)
@@ -180,6 +184,7 @@ def train_local(
         experts_trained_mean=float(selection_counts.sum()) / steps,
         peak_mem_bytes=peak.peak_bytes,
         wall_s=time.perf_counter() - start,
+        select_s=select_s,
     )
 
 

@@ -41,6 +41,7 @@ class ClientUpdate:
     selection_counts: torch.Tensor
     metrics: dict
     bytes_up: int
+    bytes_up_floor: int  # raw tensor bytes of the uploaded arrays (numel x itemsize)
 
 
 def record_nbytes(record: ArrayRecord) -> int:
@@ -108,4 +109,10 @@ def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Te
         selection_counts=stats["selection-counts"],
         metrics=metrics,
         bytes_up=record_nbytes(content["arrays"]) + record_nbytes(content["stats"]),
+        bytes_up_floor=raw_nbytes(arrays),
     )
+
+
+def raw_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """The floor for sending ``tensors``: their raw element bytes, no headers."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -113,7 +113,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     })
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        access.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        access.load_state_dict(strategy.state_of(arrays), strict=True)
         scores = evaluate(model, test)
         info = strategy.round_info.get(server_round, {})
         row = {
@@ -122,6 +122,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             "loss": scores["loss"],
             "bytes_up": info.get("bytes_up", 0),
             "bytes_down": info.get("bytes_down", 0),
+            "model_bytes": info.get("model_bytes", 0),
             "gate_alpha": info.get("alpha", []),
             "failures": info.get("failures", []),
             "clients": info.get("clients", []),

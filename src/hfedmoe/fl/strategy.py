@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from hfedmoe import core
-from hfedmoe.fl.records import ClientUpdate, ReplyError, parse_reply, record_nbytes
+from hfedmoe.fl.records import ClientUpdate, ReplyError, parse_reply, raw_nbytes, record_nbytes
 from hfedmoe.moe.access import ParamGroups
 
 
@@ -60,6 +60,10 @@ class HFedMoE(Strategy):
         self.tau = tau
         self.gate_normalize = gate_normalize
         self._current: dict[str, torch.Tensor] = {}
+        # The last ArrayRecord this strategy produced and the tensors it was built
+        # from: converting a 300 MB record back to tensors costs ~0.25 s a time.
+        self._last_record: ArrayRecord | None = None
+        self._last_state: dict[str, torch.Tensor] = {}
         self._round_started = 0.0
         # Per-round facts the run recorder reads after aggregation.
         self.round_info: dict[int, dict] = {}
@@ -70,7 +74,7 @@ class HFedMoE(Strategy):
     ) -> Iterable[Message]:
         """One message per node, each carrying the node's own expert budget."""
         self._round_started = time.perf_counter()
-        self._current = arrays.to_torch_state_dict()
+        self._current = self.state_of(arrays)
         messages = []
         for node_id, budget in self.node_budgets.items():
             node_config = ConfigRecord(dict(config))
@@ -79,7 +83,10 @@ class HFedMoE(Strategy):
             node_config["run-config"] = self.run_config_json
             content = RecordDict({"arrays": arrays, "config": node_config})
             messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-        self.round_info[server_round] = {"bytes_down": record_nbytes(arrays) * len(messages)}
+        self.round_info[server_round] = {
+            "bytes_down": record_nbytes(arrays) * len(messages),
+            "model_bytes": raw_nbytes(self._current),  # what one FedAvg-full upload would cost
+        }
         log(INFO, "configure_train: %d clients, budgets %s", len(messages), list(self.node_budgets.values()))
         return messages
 
@@ -112,7 +119,14 @@ class HFedMoE(Strategy):
         n = [u.num_examples for u in updates]
         loss = sum(u.metrics.get("train-loss", 0.0) * k for u, k in zip(updates, n)) / max(sum(n), 1)
         metrics = MetricRecord({"train-loss": float(loss), "clients": len(updates), "failures": len(failures)})
-        return ArrayRecord(state), metrics
+        self._last_record, self._last_state = ArrayRecord(state), state
+        return self._last_record, metrics
+
+    def state_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """Tensors of ``arrays``; free when it is the record this strategy built last."""
+        if arrays is self._last_record:
+            return self._last_state
+        return arrays.to_torch_state_dict()
 
     def aggregate(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         """The new global state from validated updates (Eq. 17, 18-21, dense FedAvg)."""
@@ -142,7 +156,9 @@ class HFedMoE(Strategy):
             "peak_mem_bytes": int(m.get("peak-mem-bytes", 0)),
             "train_loss": float(m.get("train-loss", float("nan"))),
             "train_s": float(m.get("wall-s", 0.0)),
+            "select_s": float(m.get("select-s", 0.0)),
             "bytes_up": u.bytes_up,
+            "bytes_up_floor": u.bytes_up_floor,
             "usage": [[round(x, 5) for x in row] for row in u.usage.tolist()],
             "selection_counts": u.selection_counts.tolist(),
         }

@@ -1,0 +1,189 @@
+"""`hfedmoe bench`: what the system costs on top of the training it orchestrates.
+
+Every figure is a ratio of two measurements taken in the same process, one after
+the other, so it holds on a noisy shared machine:
+
+1. selection_overhead: time in pooling + importance + IB score + selection over
+   the local training time (summed over every client step of a federated run);
+2. upload_over_floor: bytes clients uploaded over the raw bytes of the tensors they
+   uploaded; upload_vs_fedavg_full: the same bytes over what FedAvg-full would send
+   (every client uploading the whole model every round);
+3. runtime_overhead: a steady-state federated round on Flower's simulation engine
+   (Ray, one worker, clients one after another) over the same round done as a bare
+   PyTorch loop in one process (same clients, same steps, same aggregation and
+   evaluation); engine start-up is reported separately;
+4. (full mode) scaling of the round time with 2, 4, 8, 16 clients at fixed local
+   steps, and of the server's aggregation time with 8..64 experts per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from hfedmoe.client import client_round
+from hfedmoe.config import RunConfig
+from hfedmoe.fl.records import ClientUpdate, raw_nbytes
+from hfedmoe.fl.strategy import HFedMoE
+from hfedmoe.moe.access import make_access
+from hfedmoe.task import build_model, load_client_data, load_test_batches
+from hfedmoe.train import evaluate, set_torch_threads
+
+
+def quick_config(out: Path) -> RunConfig:
+    """About a minute on 2 CPU cores: 2 clients, 3 rounds, short sequences."""
+    return RunConfig(rounds=3, clients=2, local_steps=4, batch_size=8, max_length=32, out=str(out))
+
+
+def full_config(out: Path) -> RunConfig:
+    return RunConfig(rounds=4, clients=4, local_steps=10, out=str(out))
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _round_times(rows: list[dict]) -> list[float]:
+    """Wall time of each round r >= 1 (from the end of round r-1 to the end of r)."""
+    return [b["wall_s"] - a["wall_s"] for a, b in zip(rows, rows[1:])]
+
+
+def federated_arm(cfg: RunConfig) -> dict:
+    """Run ``cfg`` on the simulation engine; per-round times and the run's metrics."""
+    from hfedmoe.fl.simulation import run_simulation
+
+    start = time.perf_counter()
+    run_simulation(cfg, reporter=None)
+    total = time.perf_counter() - start
+    rows = _rows(Path(cfg.out))
+    return {"rows": rows, "round_s": _round_times(rows), "process_s": total}
+
+
+def bare_arm(cfg: RunConfig) -> dict:
+    """The same rounds as a plain PyTorch loop in this process (no Flower, no Ray)."""
+    set_torch_threads()
+    server_model = build_model(cfg, pretrained=True)
+    server = make_access(server_model)
+    budgets = cfg.budgets_for(server.num_layers)
+    test = load_test_batches(cfg)
+    client_access = make_access(build_model(cfg, pretrained=False))
+    data = [load_client_data(cfg, pid) for pid in range(cfg.clients)]
+    strategy = HFedMoE(server.param_groups(), dict(enumerate(budgets)), cfg.to_json(), cfg.tau, cfg.gate_normalize)
+
+    state = server.state_dict()
+    round_s, accuracies = [], []
+    for server_round in range(1, cfg.rounds + 1):
+        start = time.perf_counter()
+        strategy._current = state  # what configure_train would hold
+        updates = []
+        for pid in range(cfg.clients):
+            # Clone: the server's state must not be trained in place by the client.
+            reply = client_round(cfg, client_access, data[pid], state, budgets[pid], server_round)
+            # Copy out (as serialising a reply does): the next client reuses the model.
+            reply.upload = {k: v.clone() for k, v in reply.upload.items()}
+            groups = strategy.groups
+            updates.append(ClientUpdate(
+                node_id=pid, partition_id=pid, num_examples=data[pid].num_examples,
+                experts={k: v for k, v in reply.upload.items() if k in groups.expert_of},
+                routers={k: reply.upload[k] for k in groups.routers},
+                dense={k: reply.upload[k] for k in groups.dense},
+                usage=reply.stats["usage"], importance=reply.stats["importance"],
+                selection_counts=reply.stats["selection-counts"], metrics=reply.metrics,
+                bytes_up=0, bytes_up_floor=raw_nbytes(reply.upload),
+            ))
+        new_state = strategy.aggregate(updates)
+        new_state.pop("__alpha__")
+        state = new_state
+        server.load_state_dict(state, strict=True)
+        accuracies.append(evaluate(server_model, test)["accuracy"])
+        round_s.append(time.perf_counter() - start)
+    return {"round_s": round_s, "accuracy": accuracies}
+
+
+def aggregation_scaling(experts_per_layer: list[int], clients: int = 4) -> list[dict]:
+    """Server aggregation time vs model size, on synthetic updates of the embedded shape.
+
+    Every client uploads a random half of the experts (as constrained clients do).
+    """
+    out = []
+    generator = torch.Generator().manual_seed(0)
+    for num_experts in experts_per_layer:
+        cfg = RunConfig(num_experts=num_experts, clients=clients)
+        access = make_access(build_model(cfg, pretrained=False))
+        groups = access.param_groups()
+        state = access.state_dict()
+        strategy = HFedMoE(groups, {i: 1 for i in range(clients)}, "{}", cfg.tau, True)
+        strategy._current = state
+        updates = []
+        shape = (groups.num_layers, groups.num_experts)
+        for c in range(clients):
+            chosen = torch.rand(shape, generator=generator) < 0.5
+            keys = [k for (l, e), names in groups.experts.items() if chosen[l, e] for k in names]
+            updates.append(ClientUpdate(
+                node_id=c, partition_id=c, num_examples=100 + c,
+                experts={k: state[k] + 0.01 for k in keys},
+                routers={k: state[k] for k in groups.routers}, dense={k: state[k] for k in groups.dense},
+                usage=torch.rand(shape, generator=generator), importance=torch.rand(shape, generator=generator),
+                selection_counts=chosen.long(), metrics={}, bytes_up=0, bytes_up_floor=0,
+            ))
+        start = time.perf_counter()
+        strategy.aggregate(updates)
+        elapsed = time.perf_counter() - start
+        out.append({"experts_per_layer": num_experts, "model_mparams": round(raw_nbytes(state) / 4e6, 1),
+                    "aggregate_s": round(elapsed, 3)})
+        del access, state, updates, strategy
+    return out
+
+
+def run_bench(quick: bool = True, out_dir: Path | None = None, log=print) -> dict:
+    """Measure the figures; returns them as a flat dict (the JSON line)."""
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="hfedmoe-bench-"))
+    cfg = (quick_config if quick else full_config)(out_dir / "federated")
+    log(f"federated arm: {cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} steps on the "
+        "simulation engine ...")
+    fed = federated_arm(cfg)
+    log("bare arm: the same rounds as a plain PyTorch loop ...")
+    bare = bare_arm(cfg)
+
+    rows = fed["rows"]
+    clients = [c for r in rows[1:] for c in r["clients"]]
+    select_s = sum(c["select_s"] for c in clients)
+    train_s = sum(c["train_s"] for c in clients)
+    bytes_up = sum(c["bytes_up"] for c in clients)
+    floor = sum(c["bytes_up_floor"] for c in clients)
+    fedavg_full = sum(r["model_bytes"] * len(r["clients"]) for r in rows[1:])
+    steady_fed = statistics.mean(fed["round_s"][1:])
+    steady_bare = statistics.mean(bare["round_s"][1:])
+    result = {
+        "mode": "quick" if quick else "full",
+        "selection_overhead": round(select_s / train_s, 4),
+        "upload_over_floor": round(bytes_up / floor, 4),
+        "upload_vs_fedavg_full": round(bytes_up / fedavg_full, 4),
+        "runtime_overhead": round(steady_fed / steady_bare, 3),
+        "federated_round_s": [round(x, 2) for x in fed["round_s"]],
+        "bare_round_s": [round(x, 2) for x in bare["round_s"]],
+        "engine_startup_s": round(rows[0]["wall_s"] + fed["round_s"][0] - steady_fed, 2),
+        "federated_accuracy": [round(r["accuracy"], 4) for r in rows[1:]],
+        "bare_accuracy": [round(a, 4) for a in bare["accuracy"]],
+        "clients": cfg.clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
+    }
+    if not quick:
+        log("scaling: round time vs number of clients ...")
+        scaling = []
+        for clients in (2, 4, 8, 16):
+            c_cfg = replace(cfg, clients=clients, rounds=2, local_steps=4, expert_budgets=None,
+                            out=str(out_dir / f"clients-{clients}"))
+            times = federated_arm(c_cfg)["round_s"]
+            scaling.append({"clients": clients, "round_s": round(times[-1], 2),
+                            "per_client_s": round(times[-1] / clients, 2)})
+            log(f"  {clients} clients: {times[-1]:.1f} s per round")
+        result["clients_scaling"] = scaling
+        log("scaling: aggregation time vs experts per layer ...")
+        result["aggregation_scaling"] = aggregation_scaling([8, 16, 32, 64])
+    return result

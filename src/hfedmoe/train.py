@@ -42,6 +42,7 @@ class LocalTrainConfig:
     pooling: str = "mean"
     select_by: str = "ib"  # "ib" (Eq. 15) or "importance" (the paper's text: s_b)
     aux_loss_coef: float = 0.01
+    deferred_backward: bool = True  # constrained clients: backward only through selected experts
 
 
 @dataclass
@@ -134,6 +135,10 @@ def train_local(
             f"the minimum budget is {access.num_layers}"
         )
     optimizer = make_optimizer(model, access, cfg)
+    # A client that can train every expert keeps plain autograd; a constrained one
+    # skips the unselected experts' backward and activation memory entirely.
+    deferred = cfg.deferred_backward and expert_budget < access.num_layers * access.num_experts
+    deferred = access.enable_deferred_backward(deferred) and deferred
     model.train()
     shape = (access.num_layers, access.num_experts)
     gate_sums = torch.zeros(shape, dtype=torch.float64)
@@ -161,6 +166,7 @@ def train_local(
             select_s += time.perf_counter() - t_select
 
             params = access.trainable_parameters(selected)
+            access.set_selection(selected)
             total.backward(inputs=params)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             with access.freeze_unselected(selected):
@@ -172,6 +178,7 @@ def train_local(
             selection_counts += selected.long()
             loss_sum += loss.item() * len(mask)
             num_samples += len(mask)
+    access.enable_deferred_backward(False)
     steps = cfg.local_steps
     return LocalTrainResult(
         num_samples=num_samples,

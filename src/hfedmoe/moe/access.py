@@ -78,6 +78,8 @@ class MoEAccess(Protocol):
     def new_parameter_names(self) -> set[str]: ...
     def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]: ...
     def freeze_unselected(self, selection: torch.Tensor) -> contextlib.AbstractContextManager: ...
+    def enable_deferred_backward(self, enabled: bool) -> bool: ...
+    def set_selection(self, selection: torch.Tensor) -> None: ...
     def router_probs(self) -> torch.Tensor: ...
     def dispatch(self) -> torch.Tensor: ...
     def aux_loss(self) -> torch.Tensor | None: ...
@@ -159,6 +161,22 @@ class ModularMoEAccess:
         """Parameters that start untrained (routers, task head): larger learning rate."""
         names = set(self._router_names)
         return names | {n for n in self._params if n.startswith("classifier.")}
+
+    def enable_deferred_backward(self, enabled: bool) -> bool:
+        """Back-propagate only through the experts selected after the forward pass.
+
+        Saves the activation memory and the whole backward of unselected experts
+        (see :class:`~hfedmoe.moe.layers.DeferredExperts`); worth it only when the
+        budget leaves experts out. Returns whether the layout supports it (it does).
+        """
+        for layer in self.layers:
+            layer.deferred_backward = enabled
+        return True
+
+    def set_selection(self, selection: torch.Tensor) -> None:
+        """Tell every MoE layer which of its experts to train in this backward pass."""
+        for l, layer in enumerate(self.layers):
+            layer.selected = selection[l]
 
     @contextlib.contextmanager
     def freeze_unselected(self, selection: torch.Tensor) -> Iterator[None]:

@@ -82,6 +82,11 @@ class MoEFeedForward(nn.Module):
         self.last_router_probs: torch.Tensor | None = None
         self.last_dispatch: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        # Deferred backward (see DeferredExperts): set by the trainer for clients
+        # whose budget cannot train every expert; `selected` is filled in after the
+        # forward pass, once the batch's selection is known, and read in backward.
+        self.deferred_backward = False
+        self.selected: torch.Tensor | None = None  # BoolTensor[S]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         batch, seq, width = hidden.shape
@@ -91,13 +96,18 @@ class MoEFeedForward(nn.Module):
         top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(tokens.dtype)
 
         dispatch = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_idx, True)
-        out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
-            token_idx, slot = (top_idx == e).nonzero(as_tuple=True)
-            if token_idx.numel() == 0:
-                continue
-            y = expert(tokens[token_idx]) * top_p[token_idx, slot].unsqueeze(-1)
-            out.index_add_(0, token_idx, y)
+        if self.deferred_backward and torch.is_grad_enabled():
+            self.selected = None
+            expert_out = DeferredExperts.apply(tokens, top_idx, self)  # [N, k, H]
+            out = (top_p.unsqueeze(-1) * expert_out).sum(dim=1)
+        else:
+            out = torch.zeros_like(tokens)
+            for e, expert in enumerate(self.experts):
+                token_idx, slot = (top_idx == e).nonzero(as_tuple=True)
+                if token_idx.numel() == 0:
+                    continue
+                y = expert(tokens[token_idx]) * top_p[token_idx, slot].unsqueeze(-1)
+                out.index_add_(0, token_idx, y)
 
         # Load balancing (Switch Transformers, Fedus et al. 2022): fraction of
         # tokens dispatched to e times mean probability of e, scaled by S.
@@ -106,3 +116,48 @@ class MoEFeedForward(nn.Module):
         self.last_router_probs = probs.detach().reshape(batch, seq, -1)
         self.last_dispatch = dispatch.reshape(batch, seq, -1)
         return out.reshape(batch, seq, width)
+
+
+class DeferredExperts(torch.autograd.Function):
+    """Expert outputs whose backward runs only through the experts selected *later*.
+
+    HFedMoE selects the experts to train from the routing of the very batch being
+    trained, so the selection is known only after the forward pass. Plain autograd
+    would store every expert's activations and back-propagate through all of them.
+    Here the forward runs every expert without recording a graph (only the small
+    per-slot outputs [N, k, H] are kept for the router's gradient); the backward
+    re-runs the forward of the selected experts with gradients (as activation
+    checkpointing does) and back-propagates through them alone. Unselected experts
+    act as constants: no activation memory, no weight or input gradient, which is
+    what "run them detached" means. The routing weights keep their full gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, top_idx: torch.Tensor, layer: "MoEFeedForward") -> torch.Tensor:
+        out = tokens.new_zeros(tokens.shape[0], top_idx.shape[1], tokens.shape[1])
+        for e, expert in enumerate(layer.experts):
+            token_idx, slot = (top_idx == e).nonzero(as_tuple=True)
+            if token_idx.numel():
+                out[token_idx, slot] = expert(tokens[token_idx])
+        ctx.save_for_backward(tokens, top_idx)
+        ctx.layer = layer
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        tokens, top_idx = ctx.saved_tensors
+        layer = ctx.layer
+        if layer.selected is None:
+            raise RuntimeError("deferred expert backward needs the batch's selection: set it before backward")
+        grad_tokens = torch.zeros_like(tokens)
+        for e in layer.selected.nonzero().flatten().tolist():
+            token_idx, slot = (top_idx == e).nonzero(as_tuple=True)
+            if token_idx.numel() == 0:
+                continue
+            with torch.enable_grad():
+                x = tokens[token_idx].detach().requires_grad_(True)
+                y = layer.experts[e](x)
+                # Accumulates the expert's weight gradients and gives x.grad.
+                torch.autograd.backward(y, grad_out[token_idx, slot])
+            grad_tokens.index_add_(0, token_idx, x.grad)
+        return grad_tokens, None, None

@@ -1,0 +1,575 @@
+"""Model access for transformers 5.x MoE families whose routed experts are fused.
+
+In transformers 5.x the routed experts of a MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE, DeepSeek-V2/V3 and most newer families) are ONE module holding 3-D
+parameters, one slice per expert, e.g. ``experts.gate_up_proj [E, 2I, H]`` and
+``experts.down_proj [E, H, I]``, next to a router module (``gate`` or ``router``)
+with a ``[E, H]`` weight that returns ``(router_logits, top_k_weights, top_k_index)``.
+:class:`FusedMoEAccess` implements the :class:`~hfedmoe.moe.access.MoEAccess`
+protocol over that layout, with the same semantics as
+:class:`~hfedmoe.moe.access.ModularMoEAccess`.
+
+Layers are found by module structure (see :func:`find_fused_blocks`), never by model
+class names, so dense layers (DeepSeek ``first_k_dense_replace``, Qwen
+``mlp_only_layers`` / ``decoder_sparse_step``) are simply not MoE layers: L counts
+the MoE blocks only, in module order.
+
+Virtual keys (the wire format)
+------------------------------
+Aggregation works per expert, so :meth:`FusedMoEAccess.state_dict` splits every
+fused tensor into one key per expert::
+
+    model.layers.1.mlp.experts.gate_up_proj               [E, 2I, H]   (real key)
+    model.layers.1.mlp.experts.gate_up_proj.__expert__.3  [2I, H]      (virtual key, e=3)
+
+``<real key>.__expert__.<e>``: the real key is the prefix, so the origin of every
+slice is readable; ``__expert__`` cannot be a parameter name (parameter names have no
+dots) and the constructor checks that no real key collides with a virtual one.
+All other keys are unchanged.
+
+G_e per family (what :meth:`FusedMoEAccess.router_probs` returns)
+-----------------------------------------------------------------
+The router's forward output is recorded by a forward hook. G_e is the router's own
+score function applied to the logits the router returned, over ALL experts, i.e. the
+scores the model gathers its top-k expert weights from:
+
+- Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2: ``softmax(router_logits)``
+  (float32). Rows sum to one. The top-k weights are these scores at the chosen
+  experts (renormalised where ``norm_topk_prob``; times ``routed_scaling_factor`` for
+  DeepSeek-V2).
+- DeepSeek-V3 (and every router with an ``e_score_correction_bias``, e.g. GLM-4-MoE,
+  dots1): ``sigmoid(router_logits)``, the affinity scores s_i WITHOUT the correction
+  bias. The bias (and the group limit) only decide WHICH experts are chosen; the
+  expert weights are gathered from the unbiased sigmoid scores. Rows do not sum to
+  one. Selection with the bias is captured exactly in :meth:`FusedMoEAccess.dispatch`,
+  which is built from the router's returned top-k indices, never recomputed.
+- A config attribute ``scoring_func`` ("softmax" | "sigmoid"), when present, overrides
+  the structural rule; any other scoring function is rejected at construction.
+
+``e_score_correction_bias`` is a persistent buffer in the state dict. It belongs to
+the ROUTER group: it is part of the routing function G_l and only makes sense
+together with the router weight it corrects, so both are merged with the same gate
+weights (Eq. 21). It is not trained by gradient (HF fine-tuning leaves it constant),
+so as long as all clients hold the global value, the normalised gate merge returns
+that value unchanged. (With the literal, un-normalised Eq. 21 it would be rescaled,
+exactly like the router weights.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from hfedmoe.moe.access import NoMoELayersError, ParamGroups
+
+EXPERT_TAG = "__expert__"
+ROUTER_NAMES = ("gate", "router")  # sibling names of the experts module, in order of preference
+HEAD_NAMES = ("score", "classifier")  # task heads HF adds on top of a pretrained LM
+
+
+def expert_key(real_key: str, expert: int) -> str:
+    """Virtual state-dict key of slice ``expert`` of the fused tensor ``real_key``."""
+    return f"{real_key}.{EXPERT_TAG}.{expert}"
+
+
+def split_expert_key(key: str) -> tuple[str, int] | None:
+    """Inverse of :func:`expert_key`: ``(real_key, expert)``, or None for other keys."""
+    real, sep, index = key.rpartition(f".{EXPERT_TAG}.")
+    if not sep or not index.isdigit():
+        return None
+    return real, int(index)
+
+
+# --- structure ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FusedBlock:
+    """One MoE block: its fused expert tensors and its router.
+
+    Attributes
+    ----------
+    name : str
+        Module path of the block (the parent of experts and router).
+    router_name : str
+        Module path of the router (``<name>.gate`` or ``<name>.router``).
+    expert_keys : tuple of str
+        Real state-dict keys of the fused per-expert tensors (first dim E).
+    num_experts : int
+        E, routed experts of this block.
+    """
+
+    name: str
+    router_name: str
+    expert_keys: tuple[str, ...]
+    num_experts: int
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _fused_expert_count(module: nn.Module) -> int | None:
+    """E if ``module`` stores experts fused: direct parameters only, all of first dim E,
+    at least one of them 3-D ([E, out, in]); else None."""
+    direct = list(module.parameters(recurse=False))
+    if not direct or len(direct) != len(list(module.parameters())):
+        return None  # no parameters, or nested ones (not a plain fused layout)
+    if not any(p.dim() == 3 for p in direct):
+        return None
+    counts = {p.shape[0] for p in direct if p.dim() >= 1}
+    if len(counts) != 1 or len(direct) != sum(1 for p in direct if p.dim() >= 1):
+        return None
+    count = counts.pop()
+    return count if count >= 2 else None
+
+
+def _router_child(block: nn.Module, num_experts: int) -> str | None:
+    """Name of the block's router: a ``gate``/``router`` child with a direct [E, H] weight."""
+    children = dict(block.named_children())
+    for name in ROUTER_NAMES:
+        router = children.get(name)
+        weight = getattr(router, "weight", None) if router is not None else None
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == num_experts:
+            return name
+    return None
+
+
+def find_fused_blocks(model: nn.Module) -> list[FusedBlock]:
+    """Every fused MoE block of ``model``, in module order.
+
+    A block is a module with (a) one or more children whose parameters are all fused
+    per-expert tensors of first dim E (see ``_fused_expert_count``) and (b) a sibling
+    router child named ``gate`` or ``router`` with an ``[E, H]`` weight.
+    """
+    blocks = []
+    for name, module in model.named_modules():
+        experts: dict[int, list[str]] = {}
+        for child_name, child in module.named_children():
+            count = _fused_expert_count(child)
+            if count is not None and child_name not in ROUTER_NAMES:
+                prefix = _join(name, child_name)
+                experts.setdefault(count, []).extend(
+                    _join(prefix, p) for p, _ in child.named_parameters(recurse=False)
+                )
+        for count, keys in experts.items():
+            router = _router_child(module, count)
+            if router is not None:
+                blocks.append(FusedBlock(name, _join(name, router), tuple(keys), count))
+                break
+    return blocks
+
+
+def detect(model: nn.Module) -> bool:
+    """True when ``model`` has at least one fused-expert MoE block."""
+    return bool(find_fused_blocks(model))
+
+
+# --- routing records --------------------------------------------------------------------
+# Hooks are module-level functions and their state lives in a weak registry keyed by
+# module, not in closures over an access object: make_access() is called every round
+# on the same long-lived model, and per-access closures would pile up one hook set per
+# call. Registration is idempotent (checked by function identity), and a deep copy of
+# the model carries hooks that look up the COPY's modules, never the original's records.
+
+class _LayerRecord:
+    """Routing of one MoE block in its last forward pass."""
+
+    def __init__(self, score_fn: str, num_experts: int):
+        self.score_fn = score_fn
+        self.num_experts = num_experts
+        self.tokens_shape: tuple[int, ...] | None = None  # [B, T] from the block's input
+        self.probs: torch.Tensor | None = None  # Tensor[B, T, S], float32, detached
+        self.dispatch: torch.Tensor | None = None  # BoolTensor[B, T, S]
+
+
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, _LayerRecord]" = weakref.WeakKeyDictionary()
+_GRAD_KEEP: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fused Parameter -> BoolTensor[E]
+
+
+def _block_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Record the block input's token shape: routers see flattened [B*T, H] states."""
+    record = _RECORDS.get(module)
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if record is not None and isinstance(hidden, torch.Tensor):
+        record.tokens_shape = tuple(hidden.shape[:-1])
+
+
+def _router_hook(module: nn.Module, args: tuple, output) -> None:
+    """Record G_e and the top-k dispatch from the router's own outputs."""
+    record = _RECORDS.get(module)
+    if record is None:
+        return
+    logits, indices = _parse_router_output(module, output, record.num_experts)
+    num_tokens = logits.numel() // record.num_experts
+    shape = record.tokens_shape
+    if shape is None or _prod(shape) != num_tokens:
+        shape = (num_tokens,)  # router called outside its block: router_probs() will refuse
+    with torch.no_grad():
+        logits = logits.detach().reshape(num_tokens, record.num_experts).float()
+        probs = torch.softmax(logits, dim=-1) if record.score_fn == "softmax" else torch.sigmoid(logits)
+        record.probs = probs.reshape(*shape, record.num_experts)
+        record.dispatch = _dispatch_mask(indices.reshape(num_tokens, -1), record.num_experts).reshape(
+            *shape, record.num_experts
+        )
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+def _parse_router_output(router: nn.Module, output, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [.., E], top-k indices [.., k]) out of the router's returned tuple."""
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    logits = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()
+                   and t.dim() >= 1 and t.shape[-1] == num_experts), None)
+    indices = next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point()
+                    and t.dtype != torch.bool), None)
+    if logits is None or indices is None:
+        raise RuntimeError(
+            f"{type(router).__name__} returned {type(output).__name__} without router logits [.., {num_experts}] "
+            "and integer top-k indices; hfedmoe expects (router_logits, top_k_weights, top_k_index)"
+        )
+    return logits, indices
+
+
+def _dispatch_mask(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """BoolTensor[N, E] from top-k indices [N, k]; out-of-range indices (the sentinel
+    E used for dropped or remote tokens under expert parallelism) dispatch nowhere."""
+    indices = indices.long()
+    indices = torch.where((indices < 0) | (indices >= num_experts), num_experts, indices)
+    mask = torch.zeros(indices.shape[0], num_experts + 1, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(1, indices, True)[:, :num_experts]
+
+
+def _has_hook(hooks: dict, fn) -> bool:
+    return any(h is fn for h in hooks.values())
+
+
+def _score_function(router: nn.Module, config) -> str:
+    """The router's score function: "softmax" or "sigmoid" (see the module docstring)."""
+    declared = None
+    for cfg in (config, getattr(config, "text_config", None)):
+        declared = declared or getattr(cfg, "scoring_func", None)
+    if declared is not None:
+        if declared not in ("softmax", "sigmoid"):
+            raise NotImplementedError(f"router scoring function {declared!r} is not supported (softmax, sigmoid)")
+        return declared
+    if getattr(router, "e_score_correction_bias", None) is not None:
+        return "sigmoid"
+    return "softmax"
+
+
+def _mask_gradient(param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: zero the gradient of unselected expert slices."""
+    keep = _GRAD_KEEP.get(param)
+    if keep is not None and param.grad is not None:
+        with torch.no_grad():
+            param.grad[~keep.to(param.grad.device)] = 0
+
+
+# --- the access object --------------------------------------------------------------------
+
+class FusedMoEAccess:
+    """Access to a transformers 5.x model whose MoE experts are fused 3-D tensors.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; inspected once, not copied. Forward hooks are registered on its MoE
+        blocks and routers (once per module, however many access objects are built).
+
+    Raises
+    ------
+    NoMoELayersError
+        The model has no fused MoE block, or its MoE layers differ in expert count.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks = find_fused_blocks(model)
+        if not self.blocks:
+            raise NoMoELayersError(
+                f"{type(model).__name__} has no fused Mixture-of-Experts layer (a module with 3-D expert "
+                "tensors [E, ...] next to a gate/router with an [E, H] weight)"
+            )
+        counts = {block.num_experts for block in self.blocks}
+        if len(counts) != 1:
+            raise NoMoELayersError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
+        self.num_experts = counts.pop()
+        self.layer_names = [block.name for block in self.blocks]
+
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        self._params = params
+        self._state_keys = list(model.state_dict().keys())
+        self._fused: dict[str, nn.Parameter] = {}
+        self._fused_layer: dict[str, int] = {}
+        self._expert_keys: dict[tuple[int, int], list[str]] = {}
+        self._router_keys: list[str] = []
+        self._router_params: list[str] = []
+        for layer, block in enumerate(self.blocks):
+            for key in block.expert_keys:
+                self._fused[key] = params[key]
+                self._fused_layer[key] = layer
+            for e in range(self.num_experts):
+                self._expert_keys[(layer, e)] = [expert_key(key, e) for key in block.expert_keys]
+            prefix = block.router_name + "."
+            self._router_keys += [k for k in self._state_keys if k.startswith(prefix)]
+            self._router_params += [n for n in params if n.startswith(prefix)]
+        routers = set(self._router_keys)
+        self._dense_keys = [k for k in self._state_keys if k not in routers and k not in self._fused]
+        self._dense_params = [n for n in params if n not in routers and n not in self._fused]
+        self._virtual_keys = self._build_virtual_keys()
+        self._check_collisions()
+        self._records = [self._register(modules[b.name], modules[b.router_name]) for b in self.blocks]
+        for param in self._fused.values():
+            hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
+            if not _has_hook(hooks, _mask_gradient):
+                param.register_post_accumulate_grad_hook(_mask_gradient)
+
+    def _build_virtual_keys(self) -> list[str]:
+        """The state keys in model order, each fused key replaced by its E virtual keys."""
+        keys = []
+        for key in self._state_keys:
+            keys += [expert_key(key, e) for e in range(self.num_experts)] if key in self._fused else [key]
+        return keys
+
+    def _check_collisions(self) -> None:
+        if len(set(self._virtual_keys)) != len(self._virtual_keys):
+            raise ValueError(f"a real state key of {type(self.model).__name__} collides with a virtual expert key")
+
+    def _register(self, block: nn.Module, router: nn.Module) -> _LayerRecord:
+        """The block's shared routing record; hooks registered on first use only."""
+        record = _RECORDS.get(router)
+        if record is None:
+            record = _LayerRecord(_score_function(router, getattr(self.model, "config", None)), self.num_experts)
+            _RECORDS[router] = record
+            _RECORDS[block] = record
+        if not _has_hook(block._forward_pre_hooks, _block_pre_hook):
+            block.register_forward_pre_hook(_block_pre_hook, with_kwargs=True)
+        if not _has_hook(router._forward_hooks, _router_hook):
+            router.register_forward_hook(_router_hook)
+        return record
+
+    # --- structure -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Number of MoE layers L (dense layers do not count)."""
+        return len(self.blocks)
+
+    @property
+    def num_experts_total(self) -> int:
+        """L * S: the budget that trains every expert."""
+        return self.num_layers * self.num_experts
+
+    def expert_param_names(self, layer: int, expert: int) -> list[str]:
+        """Virtual state-dict keys of expert ``expert`` of MoE layer ``layer``."""
+        return list(self._expert_keys[(layer, expert)])
+
+    def router_param_names(self) -> list[str]:
+        """State keys of the routers (weights and persistent buffers such as
+        ``e_score_correction_bias``)."""
+        return list(self._router_keys)
+
+    def dense_param_names(self) -> list[str]:
+        """State keys of everything else (attention, norms, embeddings, shared experts)."""
+        return list(self._dense_keys)
+
+    def param_groups(self) -> ParamGroups:
+        """Partition of the keys of :meth:`state_dict` (virtual expert keys)."""
+        return ParamGroups(self._expert_keys, self._router_keys, self._dense_keys, self.num_layers, self.num_experts)
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A detached snapshot, every fused tensor split into per-expert virtual keys.
+
+        All values are contiguous copies that own their storage. Expert slices must be
+        copies anyway (a view would drag the whole fused tensor into ``torch.save`` and
+        safetensors refuses tensors sharing memory), and routed experts are most of a
+        MoE model's parameters, so copying the rest too costs little and gives one
+        consistent meaning: later training does not change a state already taken.
+        """
+        out = {}
+        for key, value in self.model.state_dict().items():
+            value = value.detach()
+            if key in self._fused:
+                for e in range(self.num_experts):
+                    out[expert_key(key, e)] = value[e].clone()
+            else:
+                out[key] = value.clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load a (virtual-key) state in place: the inverse of :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state : dict
+            Virtual-key state, as produced by :meth:`state_dict`.
+        strict : bool
+            True: every key must be present and none unknown. False: load the keys that
+            are present (single expert slices included) and ignore unknown ones.
+
+        Raises
+        ------
+        ValueError
+            Naming the first missing/unknown key (strict) or a key of the wrong shape.
+        """
+        known = set(self._virtual_keys)
+        if strict:
+            missing = [k for k in self._virtual_keys if k not in state]
+            unknown = [k for k in state if k not in known]
+            for problem, keys in (("missing", missing), ("unknown", unknown)):
+                if keys:
+                    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+                    raise ValueError(f"state has {problem} key {keys[0]!r}{more}")
+        current = self.model.state_dict()
+        slices: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        plain: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key not in known:
+                continue
+            split = split_expert_key(key)
+            target = current[split[0]][split[1]] if split and split[0] in self._fused else current[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(target.shape)}")
+            if split and split[0] in self._fused:
+                slices.append((self._fused[split[0]], split[1], value))
+            else:
+                plain[key] = value
+        with torch.no_grad():
+            for param, e, value in slices:
+                param[e].copy_(value)
+        if plain:
+            self.model.load_state_dict(plain, strict=False)
+
+    def new_parameter_names(self) -> set[str]:
+        """Parameters that start untrained (they get the larger learning rate).
+
+        Pretrained LM checkpoints have trained routers and LM heads: nothing is new for
+        ``*ForCausalLM``. A top-level ``score``/``classifier`` head (what HF's
+        ``*ForSequenceClassification`` adds on top of an LM checkpoint) is new.
+        """
+        return {n for n in self._params if n.split(".", 1)[0] in HEAD_NAMES}
+
+    # --- training ------------------------------------------------------------------------
+    def _check_selection(self, selection: torch.Tensor) -> torch.Tensor:
+        shape = (self.num_layers, self.num_experts)
+        if tuple(selection.shape) != shape or selection.dtype != torch.bool:
+            raise ValueError(f"selection must be a BoolTensor{list(shape)}, got {selection.dtype}{list(selection.shape)}")
+        return selection.cpu()
+
+    def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
+        """Dense + router parameters and the fused expert tensors of every layer with at
+        least one selected expert (a slice cannot be a backward input on its own).
+
+        Also arms a gradient mask on the fused tensors: after the next backward, the
+        gradient slices of unselected experts are zero, so gradient clipping and norms
+        computed before ``optimizer.step()`` see only the selected experts. The mask is
+        removed when :meth:`freeze_unselected` exits. Layers without a selected expert
+        get no gradient at all, and the optimizer skips their tensors.
+        """
+        selection = self._check_selection(selection)
+        names = self._dense_params + self._router_params
+        for key, param in self._fused.items():
+            keep = selection[self._fused_layer[key]]
+            _GRAD_KEEP[param] = keep.clone()
+            if keep.any():
+                names.append(key)
+        seen: set[int] = set()
+        out = []
+        for name in names:
+            param = self._params[name]
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                out.append(param)
+        return out
+
+    @contextlib.contextmanager
+    def freeze_unselected(
+        self, selection: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+    ) -> Iterator[None]:
+        """Guard around ``optimizer.step()``: unselected expert slices stay bit-for-bit.
+
+        A fused tensor gets a gradient as soon as one of its experts is selected, and
+        AdamW then moves EVERY slice of it (weight decay, and momentum from earlier
+        steps even where the gradient is zero). On entry this zeroes the gradient of
+        the unselected slices and snapshots their weights (and, given ``optimizer``,
+        their optimizer-state slices, e.g. ``exp_avg``/``exp_avg_sq``); on exit it
+        copies the snapshots back. Tensors whose gradient is None are skipped by the
+        optimizer and need nothing. Adam's per-tensor ``step`` counter cannot be
+        restored per slice: it counts steps of the fused tensor.
+
+        Parameters
+        ----------
+        selection : BoolTensor[L, S]
+            The experts trained in this step.
+        optimizer : torch.optim.Optimizer, optional
+            Pass it to also keep the unselected slices' optimizer state unchanged.
+        """
+        selection = self._check_selection(selection)
+        saved = []
+        with torch.no_grad():
+            for key, param in self._fused.items():
+                drop = ~selection[self._fused_layer[key]]
+                if param.grad is None or not drop.any():
+                    continue
+                index = drop.nonzero().squeeze(1).to(param.device)
+                param.grad.index_fill_(0, index, 0)
+                state = optimizer.state.get(param, {}) if optimizer is not None else {}
+                moments = {k: v.index_select(0, index) for k, v in state.items() if _same_shape(v, param)}
+                saved.append((param, index, param.detach().index_select(0, index), moments))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, index, weights, moments in saved:
+                    param.index_copy_(0, index, weights)
+                    if optimizer is None:
+                        continue
+                    for name, value in optimizer.state.get(param, {}).items():
+                        if not _same_shape(value, param):
+                            continue
+                        if name in moments:
+                            value.index_copy_(0, index, moments[name])
+                        else:  # state created by this very step: unselected slices start at zero
+                            value.index_fill_(0, index, 0)
+            for param in self._fused.values():
+                _GRAD_KEEP.pop(param, None)
+
+    # --- routing records of the last forward pass ----------------------------------------
+    def router_probs(self) -> torch.Tensor:
+        """Tensor[B, T, L, S]: G_e of every token in every MoE layer (float32, detached)."""
+        return torch.stack([self._record(layer, "probs") for layer in range(self.num_layers)], dim=2)
+
+    def dispatch(self) -> torch.Tensor:
+        """BoolTensor[B, T, L, S]: the experts each token was routed to (the router's top-k)."""
+        return torch.stack([self._record(layer, "dispatch") for layer in range(self.num_layers)], dim=2)
+
+    def aux_loss(self) -> None:
+        """None: HF models compute their own load-balancing loss (``output_router_logits``)."""
+        return None
+
+    def _record(self, layer: int, attr: str) -> torch.Tensor:
+        value = getattr(self._records[layer], attr)
+        if value is None:
+            raise RuntimeError("no routing recorded yet: run a forward pass first")
+        if value.dim() != 3:
+            raise RuntimeError(
+                f"MoE layer {layer} ({self.layer_names[layer]}) recorded routing without a [B, T] token shape; "
+                "its router must run inside its block on [B, T, H] hidden states"
+            )
+        return value
+
+
+def _same_shape(value, param: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape == param.shape

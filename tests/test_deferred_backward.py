@@ -1,0 +1,81 @@
+"""Deferred expert backward: gradients only through the experts selected after the forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hfedmoe.moe.access import ModularMoEAccess
+from test_moe import L, S, batch, tiny_moe
+
+
+def _model_with_distinct_experts():
+    model = tiny_moe()
+    with torch.no_grad():  # upcycled experts start equal; make them differ
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.train()
+
+
+def _grads(model, deferred: bool, selection: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    model = copy.deepcopy(model)
+    access = ModularMoEAccess(model)
+    access.enable_deferred_backward(deferred)
+    ids, mask = batch()
+    torch.manual_seed(0)  # same dropout in both passes
+    loss = F.cross_entropy(model(ids, mask), torch.tensor([0, 1, 2]))
+    params = access.trainable_parameters(selection)
+    access.set_selection(selection)
+    loss.backward(inputs=params)
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_all_experts_selected_gives_exactly_the_plain_autograd_gradients():
+    model = _model_with_distinct_experts()
+    everything = torch.ones(L, S, dtype=torch.bool)
+    plain, deferred = _grads(model, False, everything), _grads(model, True, everything)
+    assert plain.keys() == deferred.keys()
+    for name in plain:
+        assert (plain[name] is None) == (deferred[name] is None), name
+        if plain[name] is not None:
+            torch.testing.assert_close(deferred[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_partial_selection_trains_only_selected_experts_and_detaches_the_rest():
+    model = _model_with_distinct_experts()
+    selection = torch.zeros(L, S, dtype=torch.bool)
+    selection[:, 0] = True
+    selection[L - 1, 2] = True
+    plain, deferred = _grads(model, False, selection), _grads(model, True, selection)
+    access = ModularMoEAccess(model)
+    for l in range(L):
+        for e in range(S):
+            for name in access.expert_param_names(l, e):
+                if selection[l, e]:
+                    assert deferred[name] is not None and deferred[name].abs().sum() > 0, name
+                else:
+                    assert deferred[name] is None, name
+    # Above the last MoE layer nothing is detached, so the last layer's selected
+    # experts, its router and the head get exactly the plain-autograd gradients.
+    last = [n for e in (0, 2) for n in access.expert_param_names(L - 1, e)]
+    last += [n for n in access.router_param_names() if f"layer.{L - 1}." in n] + ["classifier.weight"]
+    for name in last:
+        torch.testing.assert_close(deferred[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    # Below it, unselected experts no longer pass input gradients: earlier layers'
+    # gradients change (this is the "run them detached" approximation).
+    first = access.expert_param_names(0, 0)[0]
+    assert not torch.allclose(deferred[first], plain[first])
+
+
+def test_backward_without_a_selection_fails_clearly():
+    model = _model_with_distinct_experts()
+    access = ModularMoEAccess(model)
+    access.enable_deferred_backward(True)
+    ids, mask = batch()
+    loss = F.cross_entropy(model(ids, mask), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="selection"):
+        loss.backward()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +43,32 @@ class LocalTrainConfig:
     select_by: str = "ib"  # "ib" (Eq. 15) or "importance" (the paper's text: s_b)
     aux_loss_coef: float = 0.01
     deferred_backward: bool = True  # constrained clients: backward only through selected experts
+
+
+@dataclass
+class BatchRouting:
+    """What an expert-selection policy may look at for one mini-batch."""
+
+    gates: torch.Tensor  # per-sample G_e(x_i), Tensor[B, L, S]
+    candidates: torch.Tensor  # E_union, BoolTensor[L, S]
+    importance: torch.Tensor  # s_b, Tensor[L, S] (Eq. 5)
+    ib_score: torch.Tensor  # I_b, Tensor[L, S] (Eq. 14)
+    budget: int  # C_budget
+    step: int  # local step index in this round
+
+
+# A policy maps a batch's routing to the experts trained on it (BoolTensor[L, S]).
+SelectionPolicy = Callable[[BatchRouting], torch.Tensor]
+
+
+def hfedmoe_policy(select_by: str = "ib") -> SelectionPolicy:
+    """HFedMoE's own rule: rank by I_b (Eq. 15) or s_b, cover every layer, fill the budget."""
+
+    def select(routing: BatchRouting) -> torch.Tensor:
+        scores = routing.ib_score if select_by == "ib" else routing.importance
+        return core.select_experts(scores, routing.candidates, routing.budget)
+
+    return select
 
 
 @dataclass
@@ -110,6 +136,7 @@ def train_local(
     batches: Iterator[dict[str, torch.Tensor]],
     expert_budget: int,
     cfg: LocalTrainConfig,
+    policy: SelectionPolicy | None = None,
 ) -> LocalTrainResult:
     """Run ``cfg.local_steps`` HFedMoE steps on a client's batches.
 
@@ -123,6 +150,9 @@ def train_local(
     expert_budget : int
         C_budget: the most experts trained per mini-batch, summed over layers.
     cfg : LocalTrainConfig
+    policy : SelectionPolicy, optional
+        Which experts to train per batch; default HFedMoE's (``cfg.select_by``).
+        Baselines plug in their own rules here.
 
     Returns
     -------
@@ -134,6 +164,7 @@ def train_local(
             f"expert budget {expert_budget} is below one expert per MoE layer: "
             f"the minimum budget is {access.num_layers}"
         )
+    policy = policy or hfedmoe_policy(cfg.select_by)
     optimizer = make_optimizer(model, access, cfg)
     # A client that can train every expert keeps plain autograd; a constrained one
     # skips the unselected experts' backward and activation memory entirely.
@@ -148,7 +179,7 @@ def train_local(
     select_s = 0.0
     start = time.perf_counter()
     with PeakRSS() as peak:
-        for _ in range(cfg.local_steps):
+        for step in range(cfg.local_steps):
             batch = next(batches)
             mask = batch["attention_mask"]
             logits = model(batch["input_ids"], mask)
@@ -161,8 +192,8 @@ def train_local(
             real_tokens = mask.bool()[:, :, None, None]
             candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
             s_b = core.importance(gates, lam=cfg.lam)
-            scores = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta) if cfg.select_by == "ib" else s_b
-            selected = core.select_experts(scores, candidates, expert_budget)
+            i_b = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta)
+            selected = policy(BatchRouting(gates, candidates, s_b, i_b, expert_budget, step))
             select_s += time.perf_counter() - t_select
 
             params = access.trainable_parameters(selected)
@@ -172,6 +203,11 @@ def train_local(
             with access.freeze_unselected(selected):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            # Experts outside this batch's selection hold no optimizer state: a
+            # constrained client's memory is bounded by its budget, not by the union
+            # of every expert it trained this round (their moments restart instead).
+            for param in access.unselected_expert_parameters(selected):
+                optimizer.state.pop(param, None)
 
             gate_sums += gates.sum(dim=0).double()
             importance_sum += s_b.double()

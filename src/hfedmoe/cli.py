@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from dataclasses import fields
 
-from hfedmoe.config import EMBEDDED_DATASET, EMBEDDED_MODEL, METHODS, ConfigError, RunConfig, parse_int_list
+from hfedmoe.config import (
+    EMBEDDED_DATASET,
+    EMBEDDED_MODEL,
+    METHODS,
+    ConfigError,
+    RunConfig,
+    parse_float_list,
+    parse_int_list,
+    parse_str_list,
+)
 
 _HELP = {
     "rounds": "federated rounds",
@@ -22,6 +31,11 @@ _HELP = {
     "tau": "usage threshold for uploading an expert and for gate weights (Eq. 18)",
     "alpha": "Dirichlet concentration of the non-IID client split (smaller = more skewed)",
     "expert_budgets": "comma-separated C_budget (experts trained per batch) per client, e.g. 48,48,24,12",
+    "mem_budgets": "memory budget per client (B/KB/MB/GB), e.g. 600MB,800MB,1.2GB,2GB; mapped to C_budget "
+                   "through the (calibrated) memory model",
+    "mem_budget_range": "memory budgets drawn uniformly per client (seeded), e.g. 600MB:2GB (the paper's scheme)",
+    "time_budgets": "compute budget per client: seconds of local training per round, e.g. 30,30,15,15",
+    "calibration": "memory calibration file from `hfedmoe calibrate` (default: the cache, when calibrated)",
     "seed": "random seed (data split, partitions, initialisation)",
     "out": "run directory (default runs/<timestamp>)",
     "model": f"model: {EMBEDDED_MODEL!r} (default) or a local BERT-style encoder directory to upcycle",
@@ -47,21 +61,42 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run federated fine-tuning on Flower's simulation engine",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field (``--x-y`` sets ``x_y``), for every subcommand that runs."""
     defaults = RunConfig()
     for f in fields(RunConfig):
         if f.name == "extra":
             continue
         default = getattr(defaults, f.name)
         kind = {bool: _bool, int: int, float: float}.get(type(default), str)
-        if f.name == "expert_budgets":
-            kind = parse_int_list
-        run.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=_HELP.get(f.name))
+        kind = {"expert_budgets": parse_int_list, "mem_budgets": parse_str_list,
+                "time_budgets": parse_float_list}.get(f.name, kind)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=_HELP.get(f.name))
+
+
+def run_config_from(args: argparse.Namespace) -> RunConfig:
+    """The validated RunConfig of parsed run flags (raises ConfigError)."""
+    return RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "extra"}).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run federated fine-tuning on Flower's simulation engine",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_flags(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+    calibrate = sub.add_parser(
+        "calibrate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="measure peak memory and step time vs experts trained per batch; fit the memory model",
+    )
+    add_run_flags(calibrate)
+    calibrate.add_argument("--counts", type=parse_int_list, default=None,
+                           help="experts per batch to measure (default: 1/8, 1/4, 1/2, all, at least one per layer)")
+    calibrate.add_argument("--steps", type=int, default=4, help="training steps per measurement")
+    calibrate.add_argument("--calibration-out", default=None,
+                           help="where to write the calibration (default: the cache the run reads)")
 
     bench = sub.add_parser("bench", help="measure the system's own costs (selection, upload, runtime overhead)")
     bench.add_argument("--quick", action="store_true", help="about a minute: 2 clients, 3 short rounds")
@@ -75,7 +110,45 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     return 2
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from hfedmoe.resources import calibrate, default_calibration_path
+    from hfedmoe.task import num_moe_layers
+
+    try:
+        cfg = run_config_from(args)
+        layers = num_moe_layers(cfg)
+    except ConfigError as err:
+        print(f"hfedmoe: error: {err}", file=sys.stderr)
+        return 2
+    total = layers * cfg.num_experts
+    counts = args.counts or sorted({max(layers, total // 8), max(layers, total // 4), max(layers, total // 2), total})
+    if min(counts) < layers or max(counts) > total:
+        print(f"hfedmoe: error: --counts must lie in {layers}..{total} (one expert per layer .. all)", file=sys.stderr)
+        return 2
+    print(f"calibrating {total} experts ({layers} MoE layers), batch {cfg.batch_size} x {cfg.max_length} tokens, "
+          f"{args.steps} steps per point, each in a fresh process ...", file=sys.stderr)
+    result = calibrate(cfg, counts, steps=args.steps, log=lambda t: print(t, file=sys.stderr, flush=True))
+    path = Path(args.calibration_out) if args.calibration_out else default_calibration_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    model = result["memory_model"]
+    full = next(p for p in result["points"] if p["trained_experts"] == max(counts))
+    print(f"memory model: {model['base_bytes'] / 1e6:.1f} MB + {model['per_expert_bytes'] / 1e6:.2f} MB per trained "
+          f"expert; max |predicted/measured - 1| = {result['max_abs_error']:.1%}", file=sys.stderr)
+    for p in result["points"]:
+        print(f"  {p['trained_experts']:>4} experts ({p['trained_experts'] / total:5.0%}): step "
+              f"{p['step_s']:.3f} s = {p['step_s'] / full['step_s']:.2f}x of all, peak {p['peak_bytes'] / 1e6:.0f} MB "
+              f"(predicted {p['predicted_bytes'] / 1e6:.0f} MB)", file=sys.stderr)
+    print(f"written to {path}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -104,10 +177,15 @@ def _run(args: argparse.Namespace) -> int:
     from hfedmoe.rundir import default_run_dir
     from hfedmoe.task import num_moe_layers
 
-    values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "extra"}
     try:
-        cfg = RunConfig(**values).validate()
+        cfg = run_config_from(args)
         cfg.budgets_for(num_moe_layers(cfg))  # fail before any process starts
+        if cfg.mem_budgets or cfg.mem_budget_range:
+            from hfedmoe.moe.access import make_access
+            from hfedmoe.resources import client_budgets
+            from hfedmoe.task import build_model
+
+            client_budgets(cfg, make_access(build_model(cfg, pretrained=False)))
         cfg.out = str(cfg.out or default_run_dir())
         if (Path(cfg.out) / "metrics.jsonl").exists():
             raise ConfigError(f"{cfg.out} already holds a run (metrics.jsonl): choose another --out or remove it")

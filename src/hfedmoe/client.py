@@ -53,13 +53,16 @@ def client_round(
     global_state: dict[str, torch.Tensor],
     expert_budget: int,
     server_round: int,
+    mem_budget_bytes: int | None = None,
+    time_budget_s: float | None = None,
 ) -> ClientRoundResult:
     """Load the global state, train one local round, and choose what to upload."""
     access.load_state_dict(global_state, strict=True)
     torch.manual_seed(cfg.seed * 7919 + server_round * 31 + data.partition_id)  # dropout
+    local = local_train_config(cfg)
+    local.time_budget_s = time_budget_s
     result = train_local(
-        access.model, batches_from_round(data, server_round, cfg.local_steps), expert_budget,
-        local_train_config(cfg),
+        access.model, batches_from_round(data, server_round, cfg.local_steps), expert_budget, local,
     )
 
     # Upload only the experts this client really used: trained in some batch and
@@ -79,6 +82,9 @@ def client_round(
         "experts-trained-mean": result.experts_trained_mean,
         "experts-uploaded": int(uploaded.sum()),
         "peak-mem-bytes": result.peak_mem_bytes,
+        "mem-budget-bytes": mem_budget_bytes or 0,
+        "over-budget": int(bool(mem_budget_bytes) and result.peak_mem_bytes > mem_budget_bytes),
+        "local-steps": result.steps,
         "wall-s": result.wall_s,
         "select-s": result.select_s,
     }

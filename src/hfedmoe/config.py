@@ -37,6 +37,10 @@ class RunConfig:
     tau: float = 0.05
     alpha: float = 0.5  # Dirichlet concentration of the non-IID client split
     expert_budgets: list[int] | None = None  # C_budget per client; None -> paper-like default
+    mem_budgets: list[str] | None = None  # memory budget per client ("600MB"); mapped to C_budget
+    mem_budget_range: str | None = None  # "600MB:2GB": seeded uniform per client (the paper's scheme)
+    time_budgets: list[float] | None = None  # seconds of local training per round, per client
+    calibration: str | None = None  # memory calibration file (default: the cache, if calibrated)
     seed: int = 0
     out: str | None = None
     model: str = EMBEDDED_MODEL
@@ -90,7 +94,35 @@ class RunConfig:
                 )
             if any((not isinstance(b, int)) or b < 1 for b in self.expert_budgets):
                 raise ConfigError(f"--expert-budgets must be positive integers, got {self.expert_budgets}")
+        given = [flag for flag, value in (("--expert-budgets", self.expert_budgets), ("--mem-budgets", self.mem_budgets),
+                                          ("--mem-budget-range", self.mem_budget_range)) if value]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} both set budgets: give only one of them")
+        if self.mem_budgets is not None:
+            if len(self.mem_budgets) != self.clients:
+                raise ConfigError(f"--mem-budgets lists {len(self.mem_budgets)} budgets for {self.clients} clients: "
+                                  "give exactly one per client")
+            for text in self.mem_budgets:
+                _bytes(text, "--mem-budgets")
+        if self.mem_budget_range is not None:
+            self.mem_budget_bounds()
+        if self.time_budgets is not None:
+            if len(self.time_budgets) != self.clients:
+                raise ConfigError(f"--time-budgets lists {len(self.time_budgets)} budgets for {self.clients} "
+                                  "clients: give exactly one per client (seconds)")
+            if any(not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0) for t in self.time_budgets):
+                raise ConfigError(f"--time-budgets must be positive seconds, got {self.time_budgets}")
         return self
+
+    def mem_budget_bounds(self) -> tuple[int, int]:
+        """(low, high) bytes of --mem-budget-range."""
+        parts = str(self.mem_budget_range).split(":")
+        if len(parts) != 2:
+            raise ConfigError(f"--mem-budget-range must look like 600MB:2GB, got {self.mem_budget_range!r}")
+        low, high = (_bytes(p, "--mem-budget-range") for p in parts)
+        if low > high:
+            raise ConfigError(f"--mem-budget-range {self.mem_budget_range}: the low end exceeds the high end")
+        return low, high
 
     def budgets_for(self, num_layers: int) -> list[int]:
         """C_budget per client, checked against the model's ``num_layers`` MoE layers.
@@ -147,12 +179,38 @@ class RunConfig:
                 raise ConfigError(f"unknown run config key {key!r} in [tool.flwr.app.config]")
             if name == "expert_budgets":
                 value = parse_int_list(value) if value else None
+            elif name == "mem_budgets":
+                value = parse_str_list(value) if value else None
+            elif name == "time_budgets":
+                value = parse_float_list(value) if value else None
+            elif name in ("mem_budget_range", "calibration") and value == "":
+                value = None
             elif name in ("out",) and value == "":
                 value = None
             elif name in ("model", "dataset") and value == "":
                 continue
             data[name] = value
         return cls(**data)
+
+
+def _bytes(text: str, flag: str) -> int:
+    from hfedmoe.core.budget import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise ConfigError(f"{flag}: {err}") from None
+
+
+def parse_str_list(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def parse_float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers like 30,60,120, got {text!r}") from None
 
 
 def parse_int_list(text: str) -> list[int]:

@@ -28,7 +28,10 @@ class RichReporter:
         self.console.print(
             f"[bold]hfedmoe[/bold] {self.cfg.method}: {info['clients']} clients, {info['rounds']} rounds, "
             f"{info['moe_layers']} MoE layers x {info['experts_per_layer']} experts, "
-            f"expert budgets {info['budgets']}\nrun directory: {info['run_dir']}"
+            f"expert budgets {info['budgets']}"
+            + (f", memory budgets {[f'{m / 1e6:.0f} MB' for m in info['mem_budgets']]}"
+               if any(info.get("mem_budgets") or []) else "")
+            + f"\nrun directory: {info['run_dir']}"
         )
         self.progress.start()
         self.task = self.progress.add_task("rounds", total=self.cfg.rounds)
@@ -38,6 +41,11 @@ class RichReporter:
         trained = " ".join(f"{c['experts_trained']:.0f}/{c['expert_budget']}" for c in clients)
         extra = f"  up {_mb(row['bytes_up'])} down {_mb(row['bytes_down'])}  experts/batch {trained}" if clients else ""
         failed = f"  [red]{len(row['failures'])} client(s) failed[/red]" if row.get("failures") else ""
+        over = [c for c in clients if c.get("over_budget")]
+        if over:
+            failed += "  [red]over memory budget: " + ", ".join(
+                f"client {c['id']} {c['peak_mem_bytes'] / 1e6:.0f}/{c['mem_budget_bytes'] / 1e6:.0f} MB" for c in over
+            ) + "[/red]"
         self.console.print(
             f"round {row['round']:>3}  accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
             f"{row['wall_s']:7.1f}s{extra}{failed}"

@@ -15,7 +15,7 @@ importance s^c, which the server needs for the gate weights (Eq. 18-20).
 from __future__ import annotations
 
 import os
-import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from hfedmoe import core
 from hfedmoe.moe.access import MoEAccess, make_access
+from hfedmoe.resources import PeakMemory, weight_bytes
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LocalTrainConfig:
     select_by: str = "ib"  # "ib" (Eq. 15) or "importance" (the paper's text: s_b)
     aux_loss_coef: float = 0.01
     deferred_backward: bool = True  # constrained clients: backward only through selected experts
+    time_budget_s: float | None = None  # compute budget: stop the local round after this long (>= 1 step)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class LocalTrainResult:
     trained: torch.Tensor  # BoolTensor[L, S]: selected in at least one batch
     selection_counts: torch.Tensor  # Tensor[L, S]: batches in which each expert was selected
     experts_trained_mean: float  # mean |E_active| per batch
-    peak_mem_bytes: int
+    peak_mem_bytes: int  # training memory: weights + what local training added at its peak
     wall_s: float
     select_s: float  # time spent pooling, scoring and selecting (the method's own overhead)
     extra: dict = field(default_factory=dict)
@@ -104,39 +106,13 @@ def make_optimizer(model: nn.Module, access: MoEAccess, cfg: LocalTrainConfig) -
     )
 
 
-class PeakRSS:
-    """Peak resident memory of this process over a block (Linux; CPU runs).
-
-    Resets the kernel's high-water mark (``/proc/self/clear_refs``) on entry so the
-    peak belongs to the block; falls back to the process-lifetime ``ru_maxrss``.
-    """
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak_bytes = 0
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._proc = True
-        except OSError:
-            self._proc = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._proc:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        self.peak_bytes = int(line.split()[1]) * 1024
-                        return
-        self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def train_local(
     model: nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
     expert_budget: int,
     cfg: LocalTrainConfig,
     policy: SelectionPolicy | None = None,
+    extra_loss: Callable[[MoEAccess, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> LocalTrainResult:
     """Run ``cfg.local_steps`` HFedMoE steps on a client's batches.
 
@@ -153,6 +129,9 @@ def train_local(
     policy : SelectionPolicy, optional
         Which experts to train per batch; default HFedMoE's (``cfg.select_by``).
         Baselines plug in their own rules here.
+    extra_loss : callable, optional
+        ``extra_loss(access, batch)`` -> scalar added to the batch's loss after the
+        forward pass (e.g. SEER-MoE's gate-entropy penalty); None adds nothing.
 
     Returns
     -------
@@ -177,15 +156,21 @@ def train_local(
     selection_counts = torch.zeros(shape, dtype=torch.long)
     loss_sum, num_samples = 0.0, 0
     select_s = 0.0
+    step_times: list[float] = []
     start = time.perf_counter()
-    with PeakRSS() as peak:
+    with PeakMemory() as peak:
         for step in range(cfg.local_steps):
+            if cfg.time_budget_s is not None and step > 0 and time.perf_counter() - start > cfg.time_budget_s:
+                break  # compute budget spent: the round ends early, with what it trained
+            t_step = time.perf_counter()
             batch = next(batches)
             mask = batch["attention_mask"]
             logits = model(batch["input_ids"], mask)
             loss = F.cross_entropy(logits, batch["labels"])
             aux = access.aux_loss() if cfg.aux_loss_coef else None
             total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
+            if extra_loss is not None:
+                total = total + extra_loss(access, batch)
 
             t_select = time.perf_counter()
             gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
@@ -214,8 +199,9 @@ def train_local(
             selection_counts += selected.long()
             loss_sum += loss.item() * len(mask)
             num_samples += len(mask)
+            step_times.append(time.perf_counter() - t_step)
     access.enable_deferred_backward(False)
-    steps = cfg.local_steps
+    steps = len(step_times)
     return LocalTrainResult(
         num_samples=num_samples,
         steps=steps,
@@ -225,9 +211,11 @@ def train_local(
         trained=selection_counts > 0,
         selection_counts=selection_counts,
         experts_trained_mean=float(selection_counts.sum()) / steps,
-        peak_mem_bytes=peak.peak_bytes,
+        peak_mem_bytes=weight_bytes(model) + peak.added_bytes,
         wall_s=time.perf_counter() - start,
         select_s=select_s,
+        # The first step also allocates optimizer state and warms caches.
+        extra={"step_s": statistics.median(step_times[1:] or step_times), "peak_rss_bytes": peak.peak_rss},
     )
 
 

@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 from hfedmoe.client import client_round
 from hfedmoe.config import RunConfig
+from hfedmoe.core.budget import parse_bytes
 from hfedmoe.moe.access import make_access
 from hfedmoe.task import ClientData, build_model, load_client_data
 from hfedmoe.train import set_torch_threads
@@ -44,6 +45,8 @@ def query(msg: Message, context: Context) -> Message:
     if num_partitions < 1:
         raise ValueError("this SuperNode has no 'num-partitions' in its node config")
     reply = ConfigRecord({"partition-id": _partition_id(context), "num-partitions": num_partitions})
+    if "mem-budget" in context.node_config:  # deployment: the device states its own memory
+        reply["mem-budget-bytes"] = parse_bytes(str(context.node_config["mem-budget"]))
     return Message(content=RecordDict({"config": reply}), reply_to=msg)
 
 
@@ -54,8 +57,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg, model, data = _client(str(config["run-config"]), _partition_id(context))
     budget = int(config["expert-budget"])
     server_round = int(config["server-round"])
+    mem = int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else None
+    seconds = float(config["time-budget-s"]) if "time-budget-s" in config else None
     reply = client_round(cfg, make_access(model), data, msg.content["arrays"].to_torch_state_dict(), budget,
-                         server_round)
+                         server_round, mem_budget_bytes=mem, time_budget_s=seconds)
     content = RecordDict({
         "arrays": ArrayRecord(reply.upload),
         "stats": ArrayRecord(reply.stats),

@@ -18,6 +18,7 @@ from flwr.supercore import log
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe.access import make_access
+from hfedmoe.resources import client_budgets
 from hfedmoe.rundir import RunRecorder, default_run_dir
 from hfedmoe.task import build_model, label_names, load_test_batches, model_spec
 from hfedmoe.train import evaluate, set_torch_threads
@@ -42,8 +43,11 @@ class LogReporter:
         log(INFO, "hfedmoe summary: %s", summary)
 
 
-def discover_nodes(grid: Grid, expected: int | None, timeout_s: float = 600.0) -> dict[int, int]:
-    """Wait for the client nodes and ask each for its partition id.
+def discover_nodes(grid: Grid, expected: int | None, timeout_s: float = 600.0) -> dict[int, tuple[int, int]]:
+    """Wait for the client nodes; ask each for its partition id and memory budget.
+
+    Returns node id -> (partition id, memory budget in bytes or 0 when the node
+    states none).
 
     ``expected=None`` (``flwr run``: the federation decides how many SuperNodes
     exist) takes the count from the first node's ``num-partitions``.
@@ -59,19 +63,19 @@ def discover_nodes(grid: Grid, expected: int | None, timeout_s: float = 600.0) -
 
     if expected is None:
         expected = next(iter(_query(grid, wait_for(1)[:1], timeout_s).values()))[1]
+
     replies = _query(grid, wait_for(expected), timeout_s)
-    counts = {n for _, (_, n) in replies.items()}
+    counts = {n for _, (_, n, _) in replies.items()}
     if counts != {expected}:
         raise ConfigError(f"client nodes report num-partitions {sorted(counts)}; this run needs {expected}")
-    partitions = {node: pid for node, (pid, _) in replies.items()}
-    ids = sorted(partitions.values())
+    ids = sorted(pid for pid, _, _ in replies.values())
     if ids != list(range(expected)):
         raise ConfigError(f"client nodes report partition ids {ids}; expected each of 0..{expected - 1} once")
-    return partitions
+    return {node: (pid, mem) for node, (pid, _, mem) in replies.items()}
 
 
-def _query(grid: Grid, nodes: list[int], timeout_s: float) -> dict[int, tuple[int, int]]:
-    """node id -> (partition-id, num-partitions) from each node's node config."""
+def _query(grid: Grid, nodes: list[int], timeout_s: float) -> dict[int, tuple[int, int, int]]:
+    """node id -> (partition-id, num-partitions, mem-budget bytes or 0) from each node's node config."""
     messages = [
         Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes
@@ -82,7 +86,8 @@ def _query(grid: Grid, nodes: list[int], timeout_s: float) -> dict[int, tuple[in
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
                                f"{reply.error.reason}")
         config = reply.content["config"]
-        found[reply.metadata.src_node_id] = (int(config["partition-id"]), int(config["num-partitions"]))
+        mem = int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else 0
+        found[reply.metadata.src_node_id] = (int(config["partition-id"]), int(config["num-partitions"]), mem)
     if len(found) != len(nodes):
         raise RuntimeError(f"{len(nodes) - len(found)} client node(s) did not answer the partition query")
     return found
@@ -101,14 +106,21 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     set_torch_threads()
     model = build_model(cfg, pretrained=True)
     access = make_access(model)
-    budgets = cfg.budgets_for(access.num_layers)
     test = load_test_batches(cfg)
+    node_memory = {pid: mem for pid, mem in partitions.values() if mem}
+    budgets = client_budgets(cfg, access, node_memory)
     recorder = RunRecorder(cfg.out or default_run_dir(), cfg)
 
-    node_budgets = {node: budgets[pid] for node, pid in sorted(partitions.items(), key=lambda kv: kv[1])}
-    strategy = HFedMoE(access.param_groups(), node_budgets, cfg.to_json(), cfg.tau, cfg.gate_normalize)
+    by_partition = sorted(partitions.items(), key=lambda kv: kv[1][0])
+    strategy = HFedMoE(
+        access.param_groups(),
+        {node: budgets[pid].expert_budget for node, (pid, _) in by_partition},
+        cfg.to_json(), cfg.tau, cfg.gate_normalize,
+        node_config={node: budgets[pid].message_config() for node, (pid, _) in by_partition},
+    )
     reporter.on_start({
-        "run_dir": str(recorder.dir), "clients": cfg.clients, "rounds": cfg.rounds, "budgets": budgets,
+        "run_dir": str(recorder.dir), "clients": cfg.clients, "rounds": cfg.rounds,
+        "budgets": [b.expert_budget for b in budgets], "mem_budgets": [b.mem_budget_bytes for b in budgets],
         "moe_layers": access.num_layers, "experts_per_layer": access.num_experts,
     })
 

@@ -42,6 +42,8 @@ class HFedMoE(Strategy):
     gate_normalize : bool
         Normalise the gate weights alpha to sum to one (the project's default);
         False uses the paper's literal Eq. 20.
+    node_config : dict[int, dict], optional
+        Further per-node message entries (memory / time budgets).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class HFedMoE(Strategy):
         run_config_json: str,
         tau: float = 0.05,
         gate_normalize: bool = True,
+        node_config: dict[int, dict] | None = None,
     ) -> None:
         if not node_budgets:
             raise ValueError("HFedMoE needs at least one client node")
@@ -59,6 +62,7 @@ class HFedMoE(Strategy):
         self.run_config_json = run_config_json
         self.tau = tau
         self.gate_normalize = gate_normalize
+        self.node_config = {node: dict(entries) for node, entries in (node_config or {}).items()}
         self._current: dict[str, torch.Tensor] = {}
         # The last ArrayRecord this strategy produced and the tensors it was built
         # from: converting a 300 MB record back to tensors costs ~0.25 s a time.
@@ -80,6 +84,8 @@ class HFedMoE(Strategy):
             node_config = ConfigRecord(dict(config))
             node_config["server-round"] = server_round
             node_config["expert-budget"] = budget
+            for key, value in self.node_config.get(node_id, {}).items():
+                node_config[key] = value
             node_config["run-config"] = self.run_config_json
             content = RecordDict({"arrays": arrays, "config": node_config})
             messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
@@ -154,6 +160,9 @@ class HFedMoE(Strategy):
             "experts_trained": float(m.get("experts-trained-mean", 0.0)),
             "experts_uploaded": int(m.get("experts-uploaded", 0)),
             "peak_mem_bytes": int(m.get("peak-mem-bytes", 0)),
+            "mem_budget_bytes": int(m["mem-budget-bytes"]) if m.get("mem-budget-bytes") else None,
+            "over_budget": bool(m.get("over-budget", 0)),
+            "local_steps": int(m.get("local-steps", 0)),
             "train_loss": float(m.get("train-loss", float("nan"))),
             "train_s": float(m.get("wall-s", 0.0)),
             "select_s": float(m.get("select-s", 0.0)),

@@ -144,3 +144,35 @@ def test_bench_quick_prints_the_ratios_as_json(tmp_path):
     # The bare loop is the same computation as the federated run: same accuracies
     # (bit-identical when both use the same thread count; allow two test articles).
     assert result["bare_accuracy"] == pytest.approx(result["federated_accuracy"], abs=0.005)
+
+
+def test_memory_budget_below_the_minimum_fails_clearly_before_anything_starts(tmp_path):
+    marker = new_marker()
+    try:
+        proc = _run([str(BIN / "hfedmoe"), "run", "--clients", "2", "--mem-budgets", "10MB,4GB",
+                     "--out", str(tmp_path / "r")], _env(marker, XDG_CACHE_HOME=str(tmp_path / "cache")),
+                    timeout=120)
+    finally:
+        stop_marked(marker)
+    assert proc.returncode == 2, proc.stderr
+    assert "client 0" in proc.stderr and "the minimum is" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_memory_budgets_map_to_expert_budgets_and_are_reported(tmp_path):
+    marker = new_marker()
+    out = tmp_path / "run"
+    try:
+        proc = _run([str(BIN / "hfedmoe"), "run", "--rounds", "1", "--clients", "2",
+                     "--mem-budgets", "100GB,100GB", "--out", str(out), *SMALL],
+                    _env(marker, XDG_CACHE_HOME=str(tmp_path / "cache")), timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        stop_marked(marker)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for client in rows[1]["clients"]:
+        assert client["mem_budget_bytes"] == 100 * 10**9
+        assert client["expert_budget"] == 24  # 100 GB holds every expert of 6 layers x 4
+        assert client["over_budget"] is False
+        assert 0 < client["peak_mem_bytes"] < client["mem_budget_bytes"]

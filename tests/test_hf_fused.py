@@ -6,7 +6,6 @@ hub-free route users take), then driven only through the access layer.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -368,10 +367,10 @@ def test_without_the_freeze_adamw_moves_unselected_slices(tmp_path):
     access = make_access(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(2):
-        lm_loss(model, seed=step)
+        loss = lm_loss(model, seed=step)
         selection = one_expert_per_layer(access, step)
         before = expert_slices(access)
-        lm_loss(model, seed=step).backward(inputs=access.trainable_parameters(selection))
+        loss.backward(inputs=access.trainable_parameters(selection))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     after = expert_slices(access)
@@ -390,9 +389,9 @@ def test_freeze_keeps_the_optimizer_moments_of_unselected_slices(tmp_path):
     optimizer.zero_grad(set_to_none=True)
     fused = list(access._fused.values())
     moments = [{k: optimizer.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in fused]
-    lm_loss(model, seed=2)
+    loss = lm_loss(model, seed=2)
     selection = one_expert_per_layer(access, 0)
-    lm_loss(model, seed=2).backward(inputs=access.trainable_parameters(selection))
+    loss.backward(inputs=access.trainable_parameters(selection))
     with access.freeze_unselected(selection, optimizer=optimizer):
         optimizer.step()
     for key, param, saved in zip(access._fused, fused, moments):
@@ -406,7 +405,7 @@ def test_freeze_keeps_the_optimizer_moments_of_unselected_slices(tmp_path):
 def test_backward_masks_unselected_gradients_before_clipping(tmp_path):
     model = load_tiny("olmoe", tmp_path)
     access = make_access(model)
-    lm_loss(model)
+    loss = lm_loss(model)
     selection = torch.zeros(access.num_layers, access.num_experts, dtype=torch.bool)
     used = access.dispatch()[:, :, 0].flatten(0, 1).any(dim=0).nonzero().squeeze(1)
     selection[0, used[0]] = True  # one expert of layer 0, nothing in layer 1
@@ -417,7 +416,7 @@ def test_backward_masks_unselected_gradients_before_clipping(tmp_path):
     assert not {id(fused[f"model.layers.1.mlp.experts.{p}"]) for p in ("gate_up_proj", "down_proj")} & ids
     assert {id(p) for n, p in model.named_parameters() if "experts" not in n} <= ids
 
-    lm_loss(model).backward(inputs=params)
+    loss.backward(inputs=params)
     grad = fused["model.layers.0.mlp.experts.gate_up_proj"].grad
     assert grad[used[0]].abs().sum() > 0
     others = [e for e in range(access.num_experts) if e != used[0]]
@@ -439,3 +438,59 @@ def test_selection_shape_is_checked(tmp_path):
     with pytest.raises(ValueError, match=r"BoolTensor\[2, 4\]"):
         with access.freeze_unselected(torch.ones(2, 4)):
             pass
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_the_trainers_step_sequence_keeps_unselected_slices(name, tmp_path):
+    """What hfedmoe.train.train_local does per batch, without passing the optimizer."""
+    model = load_tiny(name, tmp_path)
+    model.train()
+    access = make_access(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    assert access.enable_deferred_backward(True) is False  # plain autograd for fused experts
+    for step in range(3):
+        loss = lm_loss(model, seed=step)
+        selection = one_expert_per_layer(access, step)
+        before = expert_slices(access)
+        params = access.trainable_parameters(selection)
+        access.set_selection(selection)
+        loss.backward(inputs=params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        with access.freeze_unselected(selection):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for param in access.unselected_expert_parameters(selection):
+            optimizer.state.pop(param, None)
+        after = expert_slices(access)
+        for le, tensors in before.items():
+            same = all(torch.equal(a, b) for a, b in zip(tensors, after[le]))
+            assert same != bool(selection[le]), (step, le)
+
+
+def test_unselected_expert_parameters_are_the_wholly_unselected_fused_tensors(tmp_path):
+    access = make_access(load_tiny("qwen2_moe", tmp_path))
+    assert access.top_k == 2
+    selection = torch.zeros(access.num_layers, access.num_experts, dtype=torch.bool)
+    selection[0, 1] = True
+    fused = access._fused
+    expected = [fused[f"model.layers.2.mlp.experts.{p}"] for p in ("gate_up_proj", "down_proj")]
+    got = access.unselected_expert_parameters(selection)
+    assert len(got) == 2 and all(a is b for a, b in zip(got, expected))
+    assert access.unselected_expert_parameters(torch.ones_like(selection)) == []
+
+
+def test_set_selection_alone_masks_the_next_backward(tmp_path):
+    model = load_tiny("mixtral", tmp_path)
+    access = make_access(model)
+    selection = torch.zeros(access.num_layers, access.num_experts, dtype=torch.bool)
+    selection[:, 0] = True
+    access.set_selection(selection)
+    lm_loss(model).backward()  # plain backward over everything
+    for param in access._fused.values():
+        assert param.grad[1:].abs().sum() == 0
+    with access.freeze_unselected(selection):  # disarms the mask
+        pass
+    model.zero_grad(set_to_none=True)
+    lm_loss(model).backward()  # control: unmasked, the other experts do get gradient
+    for param in access._fused.values():
+        assert param.grad[1:].abs().sum() > 0

@@ -40,7 +40,7 @@ _HELP = {
     "out": "run directory (default runs/<timestamp>)",
     "model": f"model: {EMBEDDED_MODEL!r} (default) or a local BERT-style encoder directory to upcycle",
     "dataset": f"dataset: {EMBEDDED_DATASET!r} (default, embedded)",
-    "method": f"federated method: {', '.join(METHODS)}",
+    "method": f"federated method: {', '.join(METHODS)} (docs/baselines.md)",
     "num_experts": "experts per MoE layer when upcycling",
     "top_k": "experts per token",
     "max_length": "tokens per text (truncation)",
@@ -49,6 +49,9 @@ _HELP = {
     "pooling": "token-to-sample pooling of router scores: mean or max",
     "select_by": "expert ranking: ib (I_b, Eq. 15) or importance (s_b, the paper's text)",
     "gate_normalize": "normalise gate weights alpha to sum to 1 (true) or use the literal Eq. 20 (false)",
+    "expert_agg": "expert aggregation: hfedmoe (Eq. 17, over uploaders) or fedavg (over all clients; HFedMoE "
+                  "ablation, Fig. 16)",
+    "gate_agg": "router aggregation: hfedmoe (Eq. 18-21) or fedavg (num_examples-weighted; HFedMoE ablation, Fig. 16)",
     "aux_loss_coef": "load-balancing loss coefficient",
 }
 

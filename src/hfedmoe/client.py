@@ -13,6 +13,7 @@ import torch
 
 from hfedmoe.config import RunConfig
 from hfedmoe.moe.access import MoEAccess
+from hfedmoe.policies import plan_round
 from hfedmoe.task import ClientData
 from hfedmoe.train import LocalTrainConfig, LocalTrainResult, train_local
 
@@ -24,7 +25,8 @@ class ClientRoundResult:
     upload: dict[str, torch.Tensor]  # dense + routers + the experts it really used
     stats: dict[str, torch.Tensor]  # usage, importance, selection-counts  ([L, S] each)
     metrics: dict[str, float | int]
-    result: LocalTrainResult
+    result: LocalTrainResult | None
+    failure: str | None = None  # the client could not train this round (method's budget rule); nothing uploaded
 
 
 def batches_from_round(data: ClientData, server_round: int, local_steps: int):
@@ -59,16 +61,24 @@ def client_round(
     """Load the global state, train one local round, and choose what to upload."""
     access.load_state_dict(global_state, strict=True)
     torch.manual_seed(cfg.seed * 7919 + server_round * 31 + data.partition_id)  # dropout
+    # The method (hfedmoe.policies) decides selection, budget handling and upload.
+    plan = plan_round(cfg, access, data, expert_budget, server_round)
+    if plan.failure:
+        metrics = {"num-examples": data.num_examples, "partition-id": data.partition_id,
+                   "expert-budget": expert_budget}
+        return ClientRoundResult(upload={}, stats={}, metrics=metrics, result=None, failure=plan.failure)
     local = local_train_config(cfg)
-    local.time_budget_s = time_budget_s
-    result = train_local(
-        access.model, batches_from_round(data, server_round, cfg.local_steps), expert_budget, local,
-    )
+    local.time_budget_s = None if plan.method.budget == "ignore" else time_budget_s
+    with plan.hooks(access) as extra_loss:
+        result = train_local(
+            access.model, batches_from_round(data, server_round, cfg.local_steps), plan.train_budget, local,
+            policy=plan.policy, extra_loss=extra_loss,
+        )
 
-    # Upload only the experts this client really used: trained in some batch and
-    # with usage u_c >= tau (Eq. 18's S_c). An untrained expert equals the global one,
-    # so uploading it would only drag the average back.
-    uploaded = result.trained & (result.usage >= cfg.tau)
+    # HFedMoE uploads only the experts this client really used: trained in some batch
+    # and with usage u_c >= tau (Eq. 18's S_c). An untrained expert equals the global
+    # one, so uploading it would only drag the average back.
+    uploaded = plan.upload_mask(result, cfg.tau)
     groups = access.param_groups()
     keep = set(groups.dense) | set(groups.routers)
     for layer, expert in uploaded.nonzero().tolist():

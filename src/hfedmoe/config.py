@@ -11,7 +11,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-METHODS = ("hfedmoe",)
+# Federated methods; each is a row of hfedmoe.policies.METHODS (docs/baselines.md).
+METHODS = ("hfedmoe", "fedavg-full", "fedavg", "pfl-moe", "fedmoe", "seer-moe", "random")
+AGGREGATIONS = ("hfedmoe", "fedavg")  # --expert-agg / --gate-agg (HFedMoE ablations, Fig. 16)
 POOLINGS = ("mean", "max")
 SELECT_BY = ("ib", "importance")
 EMBEDDED_MODEL = "embedded-minilm-moe"
@@ -54,6 +56,8 @@ class RunConfig:
     pooling: str = "mean"
     select_by: str = "ib"
     gate_normalize: bool = True
+    expert_agg: str = "hfedmoe"
+    gate_agg: str = "hfedmoe"
     aux_loss_coef: float = 0.01
     extra: dict = field(default_factory=dict)
 
@@ -86,6 +90,13 @@ class RunConfig:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.select_by not in SELECT_BY:
             raise ConfigError(f"--select-by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
+        for name in ("expert_agg", "gate_agg"):
+            if getattr(self, name) not in AGGREGATIONS:
+                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(AGGREGATIONS)}, got {getattr(self, name)!r}")
+        # The aggregation switches ablate HFedMoE's server; baselines bring their own.
+        if self.method not in ("hfedmoe", "random") and (self.expert_agg, self.gate_agg) != ("hfedmoe", "hfedmoe"):
+            raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "
+                              "aggregation (docs/baselines.md): leave them at hfedmoe")
         if self.expert_budgets is not None:
             if len(self.expert_budgets) != self.clients:
                 raise ConfigError(

@@ -61,6 +61,10 @@ def train(msg: Message, context: Context) -> Message:
     seconds = float(config["time-budget-s"]) if "time-budget-s" in config else None
     reply = client_round(cfg, make_access(model), data, msg.content["arrays"].to_torch_state_dict(), budget,
                          server_round, mem_budget_bytes=mem, time_budget_s=seconds)
+    if reply.failure:  # a training failure (e.g. FedAvg over budget): a flagged reply, not a crash
+        content = RecordDict({"failure": ConfigRecord({"reason": reply.failure}),
+                              "metrics": MetricRecord(reply.metrics)})
+        return Message(content=content, reply_to=msg)
     content = RecordDict({
         "arrays": ArrayRecord(reply.upload),
         "stats": ArrayRecord(reply.stats),

@@ -18,6 +18,7 @@ from flwr.supercore import log
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe.access import make_access
+from hfedmoe.policies import method_aggregation
 from hfedmoe.resources import client_budgets
 from hfedmoe.rundir import RunRecorder, default_run_dir
 from hfedmoe.task import build_model, label_names, load_test_batches, model_spec
@@ -112,11 +113,13 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     recorder = RunRecorder(cfg.out or default_run_dir(), cfg)
 
     by_partition = sorted(partitions.items(), key=lambda kv: kv[1][0])
+    expert_agg, gate_agg = method_aggregation(cfg.method, cfg.expert_agg, cfg.gate_agg)  # baselines: their own
     strategy = HFedMoE(
         access.param_groups(),
         {node: budgets[pid].expert_budget for node, (pid, _) in by_partition},
         cfg.to_json(), cfg.tau, cfg.gate_normalize,
         node_config={node: budgets[pid].message_config() for node, (pid, _) in by_partition},
+        expert_agg=expert_agg, gate_agg=gate_agg,
     )
     reporter.on_start({
         "run_dir": str(recorder.dir), "clients": cfg.clients, "rounds": cfg.rounds,

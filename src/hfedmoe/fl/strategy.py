@@ -44,6 +44,12 @@ class HFedMoE(Strategy):
         False uses the paper's literal Eq. 20.
     node_config : dict[int, dict], optional
         Further per-node message entries (memory / time budgets).
+    expert_agg : str
+        "hfedmoe" (Eq. 17: each expert averaged over the clients that uploaded it) or
+        "fedavg" (over all clients; a client that did not upload an expert counts
+        with the unchanged global copy). Baselines and the Fig. 16 ablation.
+    gate_agg : str
+        "hfedmoe" (Eq. 18-21) or "fedavg" (num_examples-weighted mean of routers).
     """
 
     def __init__(
@@ -54,9 +60,14 @@ class HFedMoE(Strategy):
         tau: float = 0.05,
         gate_normalize: bool = True,
         node_config: dict[int, dict] | None = None,
+        expert_agg: str = "hfedmoe",
+        gate_agg: str = "hfedmoe",
     ) -> None:
         if not node_budgets:
             raise ValueError("HFedMoE needs at least one client node")
+        if expert_agg not in ("hfedmoe", "fedavg") or gate_agg not in ("hfedmoe", "fedavg"):
+            raise ValueError(f"expert_agg/gate_agg must be 'hfedmoe' or 'fedavg', got {expert_agg!r}/{gate_agg!r}")
+        self.expert_agg, self.gate_agg = expert_agg, gate_agg
         self.groups = groups
         self.node_budgets = dict(node_budgets)
         self.run_config_json = run_config_json
@@ -105,6 +116,10 @@ class HFedMoE(Strategy):
         updates: list[ClientUpdate] = []
         failures: list[dict] = []
         for msg in replies:
+            if not msg.has_error() and "failure" in msg.content:  # the client could not train (e.g. FedAvg over budget)
+                failures.append(self._training_failure(msg))
+                log(WARNING, "round %d: %s", server_round, failures[-1]["reason"])
+                continue
             try:
                 updates.append(parse_reply(msg, self.groups, self._current))
             except ReplyError as err:
@@ -138,16 +153,34 @@ class HFedMoE(Strategy):
         """The new global state from validated updates (Eq. 17, 18-21, dense FedAvg)."""
         num_examples = [u.num_examples for u in updates]
         previous_experts = {k: self._current[k] for k in self.groups.all_expert_keys}
-        experts = core.aggregate_experts(previous_experts, [u.experts for u in updates], num_examples)
-        alpha = core.gate_weights(
-            torch.stack([u.usage for u in updates]),
-            torch.stack([u.importance for u in updates]),
-            tau=self.tau,
-            normalize=self.gate_normalize,
-        )
+        if self.expert_agg == "fedavg":  # Fig. 16 variant: a non-uploader counts with the global copy
+            experts = core.fedavg([{**previous_experts, **u.experts} for u in updates], num_examples)
+        else:
+            experts = core.aggregate_experts(previous_experts, [u.experts for u in updates], num_examples)
+        if self.gate_agg == "fedavg":  # plain FedAvg of routers: alpha = |D_c| / sum |D|
+            alpha = torch.tensor(num_examples, dtype=torch.float64) / sum(num_examples)
+        else:
+            alpha = core.gate_weights(
+                torch.stack([u.usage for u in updates]),
+                torch.stack([u.importance for u in updates]),
+                tau=self.tau,
+                normalize=self.gate_normalize,
+            )
         routers = core.aggregate_gates([u.routers for u in updates], alpha)
         dense = core.fedavg([u.dense for u in updates], num_examples)
         return {**dense, **routers, **experts, "__alpha__": alpha}
+
+    @staticmethod
+    def _training_failure(msg: Message) -> dict:
+        """The failure row of a flagged reply (the client ran but could not train)."""
+        metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
+        return {
+            "node_id": msg.metadata.src_node_id,
+            "id": int(metrics.get("partition-id", -1)),
+            "kind": "training-failure",
+            "expert_budget": int(metrics.get("expert-budget", -1)),
+            "reason": str(msg.content["failure"].get("reason", "training failure")),
+        }
 
     @staticmethod
     def _client_row(u: ClientUpdate) -> dict:
@@ -191,4 +224,5 @@ class HFedMoE(Strategy):
             self.tau,
             "normalised" if self.gate_normalize else "literal (Eq. 20)",
         )
+        log(INFO, "\t├── aggregation: experts %s, gates %s", self.expert_agg, self.gate_agg)
         log(INFO, "\t└── expert budgets per node: %s", self.node_budgets)

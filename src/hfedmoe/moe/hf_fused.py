@@ -58,6 +58,7 @@ exactly like the router weights.)
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,6 +85,17 @@ def split_expert_key(key: str) -> tuple[str, int] | None:
     if not sep or not index.isdigit():
         return None
     return real, int(index)
+
+
+def check_state_keys(expected: list[str], state: dict[str, torch.Tensor]) -> None:
+    """Strict loading: ValueError naming the first missing or unknown key."""
+    known = set(expected)
+    missing = [k for k in expected if k not in state]
+    unknown = [k for k in state if k not in known]
+    for problem, keys in (("missing", missing), ("unknown", unknown)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ValueError(f"state has {problem} key {keys[0]!r}{more}")
 
 
 # --- structure ------------------------------------------------------------------------
@@ -115,18 +127,15 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _fused_expert_count(module: nn.Module) -> int | None:
-    """E if ``module`` stores experts fused: direct parameters only, all of first dim E,
-    at least one of them 3-D ([E, out, in]); else None."""
+    """E if ``module`` stores experts fused, else None: it holds direct parameters
+    only, at least one of them 3-D ([E, out, in]), and all share the first dim E >= 2."""
     direct = list(module.parameters(recurse=False))
     if not direct or len(direct) != len(list(module.parameters())):
-        return None  # no parameters, or nested ones (not a plain fused layout)
-    if not any(p.dim() == 3 for p in direct):
+        return None  # no parameters, or nested ones: not a plain fused layout
+    if not any(p.dim() == 3 for p in direct) or any(p.dim() == 0 for p in direct):
         return None
-    counts = {p.shape[0] for p in direct if p.dim() >= 1}
-    if len(counts) != 1 or len(direct) != sum(1 for p in direct if p.dim() >= 1):
-        return None
-    count = counts.pop()
-    return count if count >= 2 else None
+    counts = {p.shape[0] for p in direct}
+    return counts.pop() if len(counts) == 1 and min(counts) >= 2 else None
 
 
 def _router_child(block: nn.Module, num_experts: int) -> str | None:
@@ -208,7 +217,7 @@ def _router_hook(module: nn.Module, args: tuple, output) -> None:
     logits, indices = _parse_router_output(module, output, record.num_experts)
     num_tokens = logits.numel() // record.num_experts
     shape = record.tokens_shape
-    if shape is None or _prod(shape) != num_tokens:
+    if shape is None or math.prod(shape) != num_tokens:
         shape = (num_tokens,)  # router called outside its block: router_probs() will refuse
     with torch.no_grad():
         logits = logits.detach().reshape(num_tokens, record.num_experts).float()
@@ -217,13 +226,6 @@ def _router_hook(module: nn.Module, args: tuple, output) -> None:
         record.dispatch = _dispatch_mask(indices.reshape(num_tokens, -1), record.num_experts).reshape(
             *shape, record.num_experts
         )
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out
 
 
 def _parse_router_output(router: nn.Module, output, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,12 +428,7 @@ class FusedMoEAccess:
         """
         known = set(self._virtual_keys)
         if strict:
-            missing = [k for k in self._virtual_keys if k not in state]
-            unknown = [k for k in state if k not in known]
-            for problem, keys in (("missing", missing), ("unknown", unknown)):
-                if keys:
-                    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-                    raise ValueError(f"state has {problem} key {keys[0]!r}{more}")
+            check_state_keys(self._virtual_keys, state)
         current = self.model.state_dict()
         slices: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         plain: dict[str, torch.Tensor] = {}
@@ -448,7 +445,7 @@ class FusedMoEAccess:
                 plain[key] = value
         with torch.no_grad():
             for param, e, value in slices:
-                pass
+                param[e].copy_(value)
         if plain:
             self.model.load_state_dict(plain, strict=False)
 
@@ -465,26 +462,21 @@ class FusedMoEAccess:
     def _check_selection(self, selection: torch.Tensor) -> torch.Tensor:
         shape = (self.num_layers, self.num_experts)
         if tuple(selection.shape) != shape or selection.dtype != torch.bool:
-            raise ValueError(f"selection must be a BoolTensor{list(shape)}, got {selection.dtype}{list(selection.shape)}")
+            got = f"{selection.dtype}{list(selection.shape)}"
+            raise ValueError(f"selection must be a BoolTensor{list(shape)}, got {got}")
         return selection.cpu()
 
     def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
         """Dense + router parameters and the fused expert tensors of every layer with at
         least one selected expert (a slice cannot be a backward input on its own).
 
-        Also arms a gradient mask on the fused tensors: after the next backward, the
-        gradient slices of unselected experts are zero, so gradient clipping and norms
-        computed before ``optimizer.step()`` see only the selected experts. The mask is
-        removed when :meth:`freeze_unselected` exits. Layers without a selected expert
-        get no gradient at all, and the optimizer skips their tensors.
+        Layers without a selected expert get no gradient at all, and the optimizer
+        skips their tensors. Also arms the gradient mask (see :meth:`set_selection`).
         """
         selection = self._check_selection(selection)
+        self.set_selection(selection)
         names = self._dense_params + self._router_params
-        for key, param in self._fused.items():
-            keep = selection[self._fused_layer[key]]
-            _GRAD_KEEP[param] = keep.clone()
-            if keep.any():
-                names.append(key)
+        names += [key for key in self._fused if selection[self._fused_layer[key]].any()]
         seen: set[int] = set()
         out = []
         for name in names:
@@ -493,6 +485,42 @@ class FusedMoEAccess:
                 seen.add(id(param))
                 out.append(param)
         return out
+
+    def set_selection(self, selection: torch.Tensor) -> None:
+        """Arm the gradient mask for the next backward pass.
+
+        Once armed, the gradient of each fused tensor is zeroed at the unselected
+        experts' slices as soon as it is accumulated, so gradient clipping and norms
+        computed before ``optimizer.step()`` see only the selected experts (the
+        unselected experts that received tokens would otherwise contribute). The mask
+        is removed when :meth:`freeze_unselected` exits.
+        """
+        selection = self._check_selection(selection)
+        for key, param in self._fused.items():
+            _GRAD_KEEP[param] = selection[self._fused_layer[key]].clone()
+
+    def unselected_expert_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
+        """Fused expert tensors none of whose experts is selected.
+
+        The trainer drops these tensors' optimizer state. A fused tensor with at least
+        one selected expert is not listed: its state holds the selected slices'
+        moments too, and a slice's state cannot be dropped on its own (see
+        :meth:`freeze_unselected` for what happens to the unselected slices).
+        """
+        selection = self._check_selection(selection)
+        return [p for key, p in self._fused.items() if not selection[self._fused_layer[key]].any()]
+
+    def enable_deferred_backward(self, enabled: bool) -> bool:
+        """Deferred expert backward is not implemented for fused experts: returns False
+        (the trainer then keeps plain autograd; the result is the same, only the
+        activation memory and backward compute of unselected experts are not saved)."""
+        return False
+
+    @property
+    def top_k(self) -> int | None:
+        """Experts per token, read from the first router (None if it does not say)."""
+        router = self.model.get_submodule(self.blocks[0].router_name)
+        return getattr(router, "top_k", None)
 
     @contextlib.contextmanager
     def freeze_unselected(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 # tests/ is on sys.path (pytest's default rootdir-relative import of test modules).
@@ -43,18 +44,26 @@ def _run(cmd: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> subproc
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_hfedmoe_run_two_rounds_two_clients(tmp_path):
+TWO_ROUNDS = ["--rounds", "2", "--clients", "2", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def two_round_run(tmp_path_factory) -> Path:
+    """One uninterrupted 2-round, 2-client run, shared by the tests below."""
     marker = new_marker()
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("two-rounds") / "run"
     try:
-        proc = _run([str(BIN / "hfedmoe"), "run", "--rounds", "2", "--clients", "2", "--out", str(out), *SMALL],
-                    _env(marker), timeout=600)
+        proc = _run([str(BIN / "hfedmoe"), "run", *TWO_ROUNDS, "--out", str(out)], _env(marker), timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         time.sleep(1.0)
         assert marked_pids(marker) == [], "the run left processes behind"
     finally:
         stop_marked(marker)
+    return out
 
+
+def test_hfedmoe_run_two_rounds_two_clients(two_round_run):
+    out = two_round_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows:
@@ -176,3 +185,51 @@ def test_memory_budgets_map_to_expert_budgets_and_are_reported(tmp_path):
         assert client["expert_budget"] == 24  # 100 GB holds every expert of 6 layers x 4
         assert client["over_budget"] is False
         assert 0 < client["peak_mem_bytes"] < client["mem_budget_bytes"]
+
+
+def test_killed_run_resumes_to_a_bit_identical_final_model(two_round_run, tmp_path):
+    """SIGKILL after round 1's checkpoint, then --resume: same final model as uninterrupted."""
+    marker = new_marker()
+    out = tmp_path / "killed"
+    cmd = [str(BIN / "hfedmoe"), "run", *TWO_ROUNDS, "--out", str(out)]
+    latest = out / "checkpoints" / "latest.json"
+    try:
+        proc = subprocess.Popen(cmd, env=_env(marker), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if latest.exists() and json.loads(latest.read_text())["round"] == 1:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed after round 1"
+        proc.kill()  # SIGKILL: no cleanup runs in the CLI
+        proc.wait(timeout=30)
+        assert not (out / "summary.json").exists()
+    finally:
+        stop_marked(marker)  # Ray's processes outlive a SIGKILLed driver: stop them by PID
+
+    marker = new_marker()
+    try:
+        resumed = _run(cmd + ["--resume"], _env(marker), timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    finally:
+        stop_marked(marker)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    expected = load_file(str(two_round_run / "final" / "model.safetensors"))
+    actual = load_file(str(out / "final" / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_resume_refuses_changed_settings(two_round_run, tmp_path):
+    import shutil as _shutil
+
+    copy = tmp_path / "copy"
+    _shutil.copytree(two_round_run, copy)
+    proc = _run([str(BIN / "hfedmoe"), "run", *TWO_ROUNDS, "--lr", "0.5", "--out", str(copy), "--resume"],
+                _env(new_marker()), timeout=120)
+    assert proc.returncode == 2
+    assert "settings differ" in proc.stderr and "lr" in proc.stderr
+    assert "Traceback" not in proc.stderr

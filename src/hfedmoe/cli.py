@@ -36,6 +36,7 @@ _HELP = {
     "mem_budget_range": "memory budgets drawn uniformly per client (seeded), e.g. 600MB:2GB (the paper's scheme)",
     "time_budgets": "compute budget per client: seconds of local training per round, e.g. 30,30,15,15",
     "calibration": "memory calibration file from `hfedmoe calibrate` (default: the cache, when calibrated)",
+    "resume": "continue the run in --out from its last checkpoint (saved after every round) up to --rounds",
     "seed": "random seed (data split, partitions, initialisation)",
     "out": "run directory (default runs/<timestamp>)",
     "model": f"model: {EMBEDDED_MODEL!r} (default) or a local BERT-style encoder directory to upcycle",
@@ -74,7 +75,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         kind = {bool: _bool, int: int, float: float}.get(type(default), str)
         kind = {"expert_budgets": parse_int_list, "mem_budgets": parse_str_list,
                 "time_budgets": parse_float_list}.get(f.name, kind)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=_HELP.get(f.name))
+        flag = f"--{f.name.replace('_', '-')}"
+        if default is False:  # an opt-in switch: `--resume`, not `--resume true`
+            parser.add_argument(flag, action="store_true", help=_HELP.get(f.name))
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=_HELP.get(f.name))
 
 
 def run_config_from(args: argparse.Namespace) -> RunConfig:
@@ -101,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--calibration-out", default=None,
                            help="where to write the calibration (default: the cache the run reads)")
 
+    compare = sub.add_parser(
+        "compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="run several methods (or an HFedMoE setting sweep) over seeds; write results.md/.json and plots",
+    )
+    add_run_flags(compare)
+    from hfedmoe.compare import add_compare_flags
+
+    add_compare_flags(compare)
+
     bench = sub.add_parser("bench", help="measure the system's own costs (selection, upload, runtime overhead)")
     bench.add_argument("--quick", action="store_true", help="about a minute: 2 clients, 3 short rounds")
     bench.add_argument("--out", default=None, help="directory for the benchmark's runs (default: a temp dir)")
@@ -115,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "compare":
+        from hfedmoe.compare import compare_command
+
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every run's `finally` stops its processes
+        return compare_command(args, run_config_from)
     return 2
 
 
@@ -177,7 +196,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from hfedmoe.progress import RichReporter
-    from hfedmoe.rundir import default_run_dir
+    from hfedmoe.rundir import RunRecorder, default_run_dir
     from hfedmoe.task import num_moe_layers
 
     try:
@@ -189,9 +208,14 @@ def _run(args: argparse.Namespace) -> int:
             from hfedmoe.task import build_model
 
             client_budgets(cfg, make_access(build_model(cfg, pretrained=False)))
+        if cfg.resume and not cfg.out:
+            raise ConfigError("--resume needs --out: the directory of the run to continue")
         cfg.out = str(cfg.out or default_run_dir())
-        if (Path(cfg.out) / "metrics.jsonl").exists():
-            raise ConfigError(f"{cfg.out} already holds a run (metrics.jsonl): choose another --out or remove it")
+        if cfg.resume:
+            RunRecorder(cfg.out, cfg)  # checks the checkpoint and the settings before anything starts
+        elif (Path(cfg.out) / "metrics.jsonl").exists():
+            raise ConfigError(f"{cfg.out} already holds a run (metrics.jsonl): add --resume to continue it, "
+                              "or choose another --out")
     except (ConfigError, FileExistsError) as err:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ class RunConfig:
     mem_budget_range: str | None = None  # "600MB:2GB": seeded uniform per client (the paper's scheme)
     time_budgets: list[float] | None = None  # seconds of local training per round, per client
     calibration: str | None = None  # memory calibration file (default: the cache, if calibrated)
+    resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
     seed: int = 0
     out: str | None = None
     model: str = EMBEDDED_MODEL

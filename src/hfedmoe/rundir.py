@@ -8,9 +8,12 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from hfedmoe.config import RunConfig
+from hfedmoe.config import ConfigError, RunConfig
+
+# Settings a resumed run may change; anything else must match the checkpointed run.
+RESUMABLE_CHANGES = {"rounds", "resume", "out"}
 
 
 def default_run_dir() -> Path:
@@ -22,15 +25,69 @@ class RunRecorder:
 
     def __init__(self, out: str | Path, cfg: RunConfig):
         self.dir = Path(out)
-        if self.dir.exists() and (self.dir / "metrics.jsonl").exists():
-            raise FileExistsError(
-                f"{self.dir} already holds a run (metrics.jsonl); choose another --out or remove it"
-            )
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.started = time.time()
         self.rows: list[dict] = []
+        self.resume_round = 0
+        self.resume_state: dict[str, torch.Tensor] | None = None
+        if cfg.resume:
+            self._load_for_resume()
+            return
+        if self.dir.exists() and (self.dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"{self.dir} already holds a run (metrics.jsonl): add --resume to continue it, "
+                "or choose another --out"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=2) + "\n")
+
+    # --- checkpoints ------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        """The global state after ``server_round``; written atomically, older ones removed.
+
+        The server holds no other state between rounds: clients derive their data
+        position and random seeds from the round number, so this and metrics.jsonl
+        are all an exact resume needs.
+        """
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        path = self.checkpoint_dir / f"round-{server_round:04d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(path)
+        latest = self.checkpoint_dir / "latest.json"
+        tmp_latest = latest.with_suffix(".tmp")
+        tmp_latest.write_text(json.dumps({"round": server_round, "file": path.name}) + "\n")
+        tmp_latest.replace(latest)
+        for old in self.checkpoint_dir.glob("round-*.safetensors"):
+            if old != path:
+                old.unlink()
+
+    def _load_for_resume(self) -> None:
+        latest = self.checkpoint_dir / "latest.json"
+        if not (self.dir / "config.json").is_file() or not latest.is_file():
+            raise ConfigError(f"--resume: {self.dir} holds no checkpointed run (no checkpoints/latest.json); "
+                              "drop --resume to start a new run there")
+        saved = json.loads((self.dir / "config.json").read_text())
+        current = json.loads(self.cfg.to_json())
+        changed = sorted(k for k in set(saved) | set(current)
+                         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(f"--resume: settings differ from the checkpointed run: {', '.join(changed)}; "
+                              f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+        info = json.loads(latest.read_text())
+        self.resume_round = int(info["round"])
+        self.resume_state = load_file(str(self.checkpoint_dir / info["file"]))  # safetensors: no unpickling
+        rows = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line]
+        # Rows after the checkpoint belong to a round that will run again.
+        self.rows = [r for r in rows if r["round"] <= self.resume_round]
+        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.started = time.time() - (self.rows[-1]["wall_s"] if self.rows else 0.0)
+        config = {**saved, "rounds": self.cfg.rounds}
+        (self.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def log_round(self, row: dict) -> dict:
         """Append ``row`` (plus elapsed wall time) to metrics.jsonl; returns what was written."""

@@ -127,8 +127,17 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         "moe_layers": access.num_layers, "experts_per_layer": access.num_experts,
     })
 
+    start_round = recorder.resume_round
+    strategy.round_offset = start_round
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        access.load_state_dict(strategy.state_of(arrays), strict=True)
+        if start_round and server_round == 0:
+            # Resuming: the checkpointed model was evaluated and logged before.
+            last = recorder.rows[-1]
+            return MetricRecord({"accuracy": last["accuracy"], "loss": last["loss"]})
+        server_round += start_round
+        state = strategy.state_of(arrays)
+        access.load_state_dict(state, strict=True)
         scores = evaluate(model, test)
         info = strategy.round_info.get(server_round, {})
         row = {
@@ -143,12 +152,17 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             "clients": info.get("clients", []),
         }
         reporter.on_round(recorder.log_round(row))
+        if server_round > 0:
+            recorder.save_checkpoint(server_round, state)
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
-    result = strategy.start(
-        grid, ArrayRecord(access.state_dict()), num_rounds=cfg.rounds, evaluate_fn=evaluate_fn
-    )
-    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else access.state_dict()
+    initial = recorder.resume_state if recorder.resume_state is not None else access.state_dict()
+    if start_round < cfg.rounds:
+        result = strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.rounds - start_round,
+                                evaluate_fn=evaluate_fn)
+        final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+    else:  # the checkpoint already holds every requested round
+        final_state = initial
     model_info = {"spec": model_spec(cfg).to_dict(), "label_names": label_names(cfg)}
     summary = recorder.finish(final_state, model_info)
     reporter.on_end(summary)

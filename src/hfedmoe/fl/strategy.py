@@ -82,12 +82,16 @@ class HFedMoE(Strategy):
         self._round_started = 0.0
         # Per-round facts the run recorder reads after aggregation.
         self.round_info: dict[int, dict] = {}
+        # A resumed run continues after checkpointed round k: Flower counts from 1
+        # again, clients and records must see the run's absolute round numbers.
+        self.round_offset = 0
 
     # --- training --------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per node, each carrying the node's own expert budget."""
+        server_round += self.round_offset
         self._round_started = time.perf_counter()
         self._current = self.state_of(arrays)
         messages = []
@@ -111,6 +115,7 @@ class HFedMoE(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate replies, then aggregate experts, routers and dense parameters."""
+        server_round += self.round_offset
         if not self._current:
             raise RuntimeError("aggregate_train called before configure_train: the strategy has no global model")
         updates: list[ClientUpdate] = []

@@ -237,6 +237,10 @@ def make_access(model: nn.Module) -> MoEAccess:
         hf_fused = None
     if hf_fused is not None and hf_fused.detect(model):
         return hf_fused.FusedMoEAccess(model)
+    from hfedmoe.moe import hf_switch
+
+    if hf_switch.detect_switch(model):
+        return hf_switch.SwitchMoEAccess(model)
     raise NoMoELayersError(
         f"{type(model).__name__} has no Mixture-of-Experts layer hfedmoe can drive: pass a MoE model "
         "(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, Switch) or a BERT-style encoder to upcycle"

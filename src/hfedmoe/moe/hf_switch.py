@@ -1,0 +1,274 @@
+"""Model access for Switch Transformers (transformers 5.x), separate expert modules.
+
+``SwitchTransformersSparseMLP`` holds a ``router`` (``SwitchTransformersTop1Router``
+with a ``classifier`` Linear of weight [E, H]) and ``experts``, a ModuleDict of E
+separate ``expert_{i}`` FFNs. Sparse layers alternate with dense ones in both the
+encoder and the decoder; L counts every sparse MLP in module order (encoder layers
+first, then decoder layers). :class:`SwitchMoEAccess` implements the
+:class:`~hfedmoe.moe.access.MoEAccess` protocol over that layout.
+
+State keys are the model's own (one expert = its ``experts.expert_{i}.*`` tensors),
+so no virtual keys are needed, and training only the selected experts is exact by
+construction: unselected experts are not backward inputs and get no gradient.
+
+G_e is ``softmax(router_logits)`` over all experts (the router computes it in
+``router_dtype``, float32 by default); dispatch is the router's returned one-hot
+``expert_index``, i.e. top-1 AFTER the expert-capacity cut: a token over its expert's
+capacity is dispatched to no expert (an all-False row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hfedmoe.moe.access import NoMoELayersError, ParamGroups
+from hfedmoe.moe.hf_fused import _RECORDS, HEAD_NAMES, _has_hook, _LayerRecord, check_state_keys
+
+
+@dataclass(frozen=True)
+class SwitchBlock:
+    """One sparse MLP: module paths of the block, its router and its experts."""
+
+    name: str
+    router_name: str
+    expert_names: tuple[str, ...]  # module path of each expert, index = expert id
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+
+def _router_width(router: nn.Module) -> int | None:
+    """E if the router scores experts with a ``classifier`` of weight [E, H] (the
+    Switch/NLLB-MoE convention; hfedmoe's own MoEFeedForward router is a bare Linear
+    and is driven by ModularMoEAccess instead), else None."""
+    weight = getattr(getattr(router, "classifier", None), "weight", None)
+    return weight.shape[0] if isinstance(weight, nn.Parameter) and weight.dim() == 2 else None
+
+
+def _separate_experts(container: nn.Module) -> list[str] | None:
+    """Child names of a ModuleDict/ModuleList of >= 2 experts with identical parameter shapes."""
+    if not isinstance(container, (nn.ModuleDict, nn.ModuleList)):
+        return None
+    children = list(container.named_children())
+    shapes = [tuple((n, tuple(p.shape)) for n, p in child.named_parameters()) for _, child in children]
+    if len(children) < 2 or not shapes[0] or any(s != shapes[0] for s in shapes):
+        return None
+    return [name for name, _ in children]
+
+
+def find_switch_blocks(model: nn.Module) -> list[SwitchBlock]:
+    """Every separate-expert sparse MLP: a ``router`` child with an [E, H] weight next
+    to an ``experts`` ModuleDict/ModuleList of E structurally identical experts."""
+    blocks = []
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        router, experts = children.get("router"), children.get("experts")
+        if router is None or experts is None:
+            continue
+        names = _separate_experts(experts)
+        if names is not None and _router_width(router) == len(names):
+            prefix = f"{name}." if name else ""
+            blocks.append(SwitchBlock(name, f"{prefix}router", tuple(f"{prefix}experts.{n}" for n in names)))
+    return blocks
+
+
+def detect_switch(model: nn.Module) -> bool:
+    """True when ``model`` has a Switch-style sparse MLP (separate experts + router)."""
+    return bool(find_switch_blocks(model))
+
+
+def _switch_router_hook(module: nn.Module, args: tuple, output) -> None:
+    """Record G_e and the (capacity-cut) top-1 dispatch from the router's outputs."""
+    record = _RECORDS.get(module)
+    if record is None:
+        return
+    if not (isinstance(output, tuple) and len(output) == 3 and output[0].shape == output[2].shape):
+        raise RuntimeError(
+            f"{type(module).__name__} did not return (expert_index [B, T, E], router_probs, router_logits)"
+        )
+    expert_index, _, logits = output
+    with torch.no_grad():
+        record.probs = torch.softmax(logits.detach().float(), dim=-1)
+        record.dispatch = expert_index.detach().bool()
+
+
+class SwitchMoEAccess:
+    """Access to a Switch Transformers model (encoder-decoder or encoder-only).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; inspected once, not copied. A forward hook is registered on every
+        router (once per module, however many access objects are built).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks = find_switch_blocks(model)
+        if not self.blocks:
+            raise NoMoELayersError(f"{type(model).__name__} has no Switch-style sparse MLP (router + experts)")
+        counts = {block.num_experts for block in self.blocks}
+        if len(counts) != 1:
+            raise NoMoELayersError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
+        self.num_experts = counts.pop()
+        self.layer_names = [block.name for block in self.blocks]
+
+        self._params = dict(model.named_parameters())
+        self._state_keys = list(model.state_dict().keys())
+        self._expert_keys: dict[tuple[int, int], list[str]] = {}
+        self._expert_params: dict[tuple[int, int], list[str]] = {}
+        self._router_keys: list[str] = []
+        for layer, block in enumerate(self.blocks):
+            for e, expert in enumerate(block.expert_names):
+                self._expert_keys[(layer, e)] = [k for k in self._state_keys if k.startswith(expert + ".")]
+                self._expert_params[(layer, e)] = [n for n in self._params if n.startswith(expert + ".")]
+            self._router_keys += [k for k in self._state_keys if k.startswith(block.router_name + ".")]
+        grouped = set(self._router_keys).union(*self._expert_keys.values())
+        self._dense_keys = [k for k in self._state_keys if k not in grouped]
+        routers = set(self._router_keys)
+        self._router_params = [n for n in self._params if n in routers]
+        self._dense_params = [n for n in self._params if n not in grouped]
+        self._records = [self._register(model.get_submodule(b.router_name)) for b in self.blocks]
+
+    def _register(self, router: nn.Module) -> _LayerRecord:
+        record = _RECORDS.get(router)
+        if record is None:
+            record = _LayerRecord("softmax", self.num_experts)
+            _RECORDS[router] = record
+        if not _has_hook(router._forward_hooks, _switch_router_hook):
+            router.register_forward_hook(_switch_router_hook)
+        return record
+
+    # --- structure -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Number of sparse (MoE) layers L, encoder and decoder together."""
+        return len(self.blocks)
+
+    @property
+    def num_experts_total(self) -> int:
+        return self.num_layers * self.num_experts
+
+    def expert_param_names(self, layer: int, expert: int) -> list[str]:
+        return list(self._expert_keys[(layer, expert)])
+
+    def param_groups(self) -> ParamGroups:
+        return ParamGroups(self._expert_keys, self._router_keys, self._dense_keys, self.num_layers, self.num_experts)
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A detached snapshot (contiguous copies; tied embeddings appear under each of
+        their names, each its own copy)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load in place. strict: every key present, none unknown (ValueError naming the
+        key); otherwise load the known keys that are present."""
+        if strict:
+            check_state_keys(self._state_keys, state)
+        current = self.model.state_dict()
+        known = {k: v for k, v in state.items() if k in current}
+        for key, value in known.items():
+            if tuple(value.shape) != tuple(current[key].shape):
+                expected = tuple(current[key].shape)
+                raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's {expected}")
+        self.model.load_state_dict(known, strict=False)
+
+    def new_parameter_names(self) -> set[str]:
+        """Nothing in a pretrained Switch checkpoint is new, except a top-level
+        ``classifier``/``score`` head added for a task."""
+        return {n for n in self._params if n.split(".", 1)[0] in HEAD_NAMES}
+
+    # --- training ------------------------------------------------------------------------
+    def _check_selection(self, selection: torch.Tensor) -> torch.Tensor:
+        shape = (self.num_layers, self.num_experts)
+        if tuple(selection.shape) != shape or selection.dtype != torch.bool:
+            got = f"{selection.dtype}{list(selection.shape)}"
+            raise ValueError(f"selection must be a BoolTensor{list(shape)}, got {got}")
+        return selection.cpu()
+
+    def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
+        """Dense + router parameters and the parameters of the selected experts only."""
+        selection = self._check_selection(selection)
+        names = self._dense_params + self._router_params
+        for layer, expert in selection.nonzero().tolist():
+            names = names + self._expert_params[(layer, expert)]
+        return [self._params[n] for n in names if self._params[n].requires_grad]
+
+    def set_selection(self, selection: torch.Tensor) -> None:
+        """Nothing to arm: unselected experts are simply not backward inputs."""
+        self._check_selection(selection)
+
+    def unselected_expert_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
+        """Parameters of the experts ``selection`` leaves out."""
+        selection = self._check_selection(selection)
+        return [self._params[n] for le in (~selection).nonzero().tolist() for n in self._expert_params[tuple(le)]]
+
+    def enable_deferred_backward(self, enabled: bool) -> bool:
+        """Deferred expert backward is not implemented for Switch: returns False."""
+        return False
+
+    @property
+    def top_k(self) -> int:
+        """Switch routes every token to one expert."""
+        return 1
+
+    @contextlib.contextmanager
+    def freeze_unselected(
+        self, selection: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+    ) -> Iterator[None]:
+        """Guard around ``optimizer.step()``.
+
+        Normally a no-op: unselected experts got no gradient, so the optimizer skips
+        them. If one does hold a gradient (stale grads zeroed instead of set to None,
+        or a backward over all parameters), its weights are restored after the step so
+        the guarantee holds anyway. ``optimizer`` is accepted for protocol symmetry with
+        the fused layout; whole tensors with a None gradient keep their state untouched.
+        """
+        selection = self._check_selection(selection)
+        saved = []
+        for (layer, expert), names in self._expert_params.items():
+            if selection[layer, expert]:
+                continue
+            for name in names:
+                param = self._params[name]
+                if param.grad is not None:
+                    saved.append((param, param.detach().clone()))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in saved:
+                    param.copy_(value)
+
+    # --- routing records of the last forward pass ----------------------------------------
+    def router_probs(self) -> torch.Tensor:
+        """Tensor[B, T, L, S]: softmax router probabilities of every token, every sparse layer."""
+        return self._stack("probs")
+
+    def dispatch(self) -> torch.Tensor:
+        """BoolTensor[B, T, L, S]: each token's expert (top-1 after the capacity cut)."""
+        return self._stack("dispatch")
+
+    def aux_loss(self) -> None:
+        """None: the HF model computes its own router losses (``output_router_logits``)."""
+        return None
+
+    def _stack(self, attr: str) -> torch.Tensor:
+        values = [getattr(record, attr) for record in self._records]
+        if any(v is None for v in values):
+            raise RuntimeError("no routing recorded yet: run a forward pass first")
+        shapes = {tuple(v.shape[:2]) for v in values}
+        if len(shapes) != 1:
+            raise RuntimeError(
+                f"the sparse layers saw different [B, T] token shapes {sorted(shapes)} (encoder vs decoder "
+                "lengths): router_probs()/dispatch() need one token axis; give the decoder inputs of the "
+                "encoder's length, or score encoder and decoder layers separately"
+            )
+        return torch.stack(values, dim=2)

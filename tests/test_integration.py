@@ -233,3 +233,35 @@ def test_resume_refuses_changed_settings(two_round_run, tmp_path):
     assert proc.returncode == 2
     assert "settings differ" in proc.stderr and "lr" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_crashing_client_is_recorded_and_the_round_completes_with_the_others(tmp_path):
+    marker = new_marker()
+    out = tmp_path / "crash"
+    try:
+        proc = _run([str(BIN / "hfedmoe"), "run", *TWO_ROUNDS, "--out", str(out)],
+                    _env(marker, HFEDMOE_INJECT_CRASH="1@1"), timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        stop_marked(marker)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [c["id"] for c in rows[1]["clients"]] == [0] and len(rows[1]["failures"]) == 1
+    assert "injected crash" in rows[1]["failures"][0]["reason"]
+    assert sorted(c["id"] for c in rows[2]["clients"]) == [0, 1] and rows[2]["failures"] == []
+    assert json.loads((out / "summary.json").read_text())["failed_client_rounds"] == 1
+
+
+def test_a_run_where_every_client_keeps_failing_stops_with_a_clear_message(tmp_path):
+    marker = new_marker()
+    out = tmp_path / "all-fail"
+    try:
+        proc = _run([str(BIN / "hfedmoe"), "run", *TWO_ROUNDS, "--max-empty-rounds", "1", "--out", str(out)],
+                    _env(marker, HFEDMOE_INJECT_CRASH="0@*,1@*"), timeout=600)
+    finally:
+        stop_marked(marker)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no client sent a usable update in 1 consecutive round" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["aborted"] and summary["rounds"] == 0
+    assert (out / "final" / "model.safetensors").exists()  # the last good (initial) model is kept

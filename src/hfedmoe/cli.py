@@ -36,6 +36,8 @@ _HELP = {
     "mem_budget_range": "memory budgets drawn uniformly per client (seeded), e.g. 600MB:2GB (the paper's scheme)",
     "time_budgets": "compute budget per client: seconds of local training per round, e.g. 30,30,15,15",
     "calibration": "memory calibration file from `hfedmoe calibrate` (default: the cache, when calibrated)",
+    "round_timeout": "seconds the server waits for a round's replies; later clients count as failed",
+    "max_empty_rounds": "stop after this many consecutive rounds without any usable update (0: never)",
     "resume": "continue the run in --out from its last checkpoint (saved after every round) up to --rounds",
     "seed": "random seed (data split, partitions, initialisation)",
     "out": "run directory (default runs/<timestamp>)",
@@ -232,7 +234,10 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, FileExistsError) as err:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2
-    return 0 if summary else 1
+    if summary.get("aborted"):
+        print(f"hfedmoe: error: the run stopped: {summary['aborted']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

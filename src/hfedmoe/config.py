@@ -44,6 +44,8 @@ class RunConfig:
     time_budgets: list[float] | None = None  # seconds of local training per round, per client
     calibration: str | None = None  # memory calibration file (default: the cache, if calibrated)
     resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
+    round_timeout: float = 3600.0  # seconds the server waits for replies; late clients count as failed
+    max_empty_rounds: int = 3  # stop after this many rounds in a row with no usable update (0: never)
     seed: int = 0
     out: str | None = None
     model: str = EMBEDDED_MODEL
@@ -81,6 +83,12 @@ class RunConfig:
             raise ConfigError(f"--beta must be a finite number >= 0, got {self.beta}")
         if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
             raise ConfigError(f"--tau must lie in [0, 1] (a usage threshold), got {self.tau}")
+        if not (isinstance(self.round_timeout, (int, float)) and math.isfinite(self.round_timeout)
+                and self.round_timeout > 0):
+            raise ConfigError(f"--round-timeout must be positive seconds, got {self.round_timeout!r}")
+        if isinstance(self.max_empty_rounds, bool) or not isinstance(self.max_empty_rounds, int) \
+                or self.max_empty_rounds < 0:
+            raise ConfigError(f"--max-empty-rounds must be an integer >= 0, got {self.max_empty_rounds!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")
         if self.top_k > self.num_experts:

@@ -8,6 +8,7 @@ set by the simulation engine or by ``flower-supernode --node-config``).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -50,6 +51,17 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"config": reply}), reply_to=msg)
 
 
+def _injected_crash(partition_id: int, server_round: int) -> bool:
+    """Fault injection for tests: HFEDMOE_INJECT_CRASH="1@2,0@3" crashes partition 1
+    in round 2 and partition 0 in round 3 ("1@*": every round)."""
+    for item in os.environ.get("HFEDMOE_INJECT_CRASH", "").split(","):
+        if "@" in item:
+            pid, rnd = item.split("@", 1)
+            if int(pid) == partition_id and rnd.strip() in ("*", str(server_round)):
+                return True
+    return False
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local HFedMoE round (hfedmoe.client.client_round) as a Flower reply."""
@@ -57,6 +69,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, model, data = _client(str(config["run-config"]), _partition_id(context))
     budget = int(config["expert-budget"])
     server_round = int(config["server-round"])
+    if _injected_crash(data.partition_id, server_round):
+        raise RuntimeError(f"injected crash of partition {data.partition_id} in round {server_round}")
     mem = int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else None
     seconds = float(config["time-budget-s"]) if "time-budget-s" in config else None
     reply = client_round(cfg, make_access(model), data, msg.content["arrays"].to_torch_state_dict(), budget,

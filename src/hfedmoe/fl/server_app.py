@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.fl.strategy import HFedMoE
+from hfedmoe.fl.strategy import HFedMoE, RunAborted
 from hfedmoe.moe.access import make_access
 from hfedmoe.policies import method_aggregation
 from hfedmoe.resources import client_budgets
@@ -119,7 +119,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         {node: budgets[pid].expert_budget for node, (pid, _) in by_partition},
         cfg.to_json(), cfg.tau, cfg.gate_normalize,
         node_config={node: budgets[pid].message_config() for node, (pid, _) in by_partition},
-        expert_agg=expert_agg, gate_agg=gate_agg,
+        expert_agg=expert_agg, gate_agg=gate_agg, max_empty_rounds=cfg.max_empty_rounds,
     )
     reporter.on_start({
         "run_dir": str(recorder.dir), "clients": cfg.clients, "rounds": cfg.rounds,
@@ -157,14 +157,19 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
     initial = recorder.resume_state if recorder.resume_state is not None else access.state_dict()
+    aborted = None
     if start_round < cfg.rounds:
-        result = strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.rounds - start_round,
-                                evaluate_fn=evaluate_fn)
-        final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+        try:
+            result = strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.rounds - start_round,
+                                    timeout=cfg.round_timeout, evaluate_fn=evaluate_fn)
+            final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+        except RunAborted as err:
+            aborted = str(err)
+            final_state = strategy._last_state or initial
     else:  # the checkpoint already holds every requested round
         final_state = initial
     model_info = {"spec": model_spec(cfg).to_dict(), "label_names": label_names(cfg)}
-    summary = recorder.finish(final_state, model_info)
+    summary = recorder.finish(final_state, model_info, {"aborted": aborted} if aborted else None)
     reporter.on_end(summary)
     return summary
 

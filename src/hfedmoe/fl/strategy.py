@@ -26,6 +26,10 @@ from hfedmoe.fl.records import ClientUpdate, ReplyError, parse_reply, raw_nbytes
 from hfedmoe.moe.access import ParamGroups
 
 
+class RunAborted(RuntimeError):
+    """The run cannot make progress (e.g. every client failed several rounds running)."""
+
+
 class HFedMoE(Strategy):
     """Resource-aware heterogeneous FL for MoE models (Fang et al., arXiv 2601.00583).
 
@@ -44,6 +48,9 @@ class HFedMoE(Strategy):
         False uses the paper's literal Eq. 20.
     node_config : dict[int, dict], optional
         Further per-node message entries (memory / time budgets).
+    max_empty_rounds : int
+        Stop the run (:class:`RunAborted`) after this many consecutive rounds in
+        which no client sent a usable update; 0 never stops.
     expert_agg : str
         "hfedmoe" (Eq. 17: each expert averaged over the clients that uploaded it) or
         "fedavg" (over all clients; a client that did not upload an expert counts
@@ -60,6 +67,7 @@ class HFedMoE(Strategy):
         tau: float = 0.05,
         gate_normalize: bool = True,
         node_config: dict[int, dict] | None = None,
+        max_empty_rounds: int = 0,
         expert_agg: str = "hfedmoe",
         gate_agg: str = "hfedmoe",
     ) -> None:
@@ -85,6 +93,8 @@ class HFedMoE(Strategy):
         # A resumed run continues after checkpointed round k: Flower counts from 1
         # again, clients and records must see the run's absolute round numbers.
         self.round_offset = 0
+        self.max_empty_rounds = max_empty_rounds
+        self._empty_streak = 0
 
     # --- training --------------------------------------------------------------------
     def configure_train(
@@ -120,6 +130,12 @@ class HFedMoE(Strategy):
             raise RuntimeError("aggregate_train called before configure_train: the strategy has no global model")
         updates: list[ClientUpdate] = []
         failures: list[dict] = []
+        replies = list(replies)
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node in self.node_budgets:
+            if node not in answered:  # crashed, or slower than the round timeout
+                failures.append({"node_id": node, "reason": "no reply within the round timeout"})
+                log(WARNING, "round %d: node %d sent no reply in time", server_round, node)
         for msg in replies:
             if not msg.has_error() and "failure" in msg.content:  # the client could not train (e.g. FedAvg over budget)
                 failures.append(self._training_failure(msg))
@@ -137,7 +153,15 @@ class HFedMoE(Strategy):
         if not updates:
             log(WARNING, "round %d: no usable reply; the global model is unchanged", server_round)
             info["alpha"] = []
+            self._empty_streak += 1
+            if self.max_empty_rounds and self._empty_streak >= self.max_empty_rounds:
+                reasons = sorted({f["reason"] for f in failures})
+                raise RunAborted(
+                    f"no client sent a usable update in {self._empty_streak} consecutive round(s) (last: round "
+                    f"{server_round}; {'; '.join(reasons)[:500]}); the last good model is kept"
+                )
             return None, None
+        self._empty_streak = 0
 
         state = self.aggregate(updates)
         info["alpha"] = state.pop("__alpha__").tolist()

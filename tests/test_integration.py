@@ -265,3 +265,22 @@ def test_a_run_where_every_client_keeps_failing_stops_with_a_clear_message(tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["aborted"] and summary["rounds"] == 0
     assert (out / "final" / "model.safetensors").exists()  # the last good (initial) model is kept
+
+
+def test_one_round_with_local_dp_on_sparse_uploads(tmp_path):
+    marker = new_marker()
+    out = tmp_path / "dp"
+    try:
+        # epsilon 0.001 means noise of std ~4,850 on every uploaded value: if the mod
+        # acts on what the server receives, the aggregated model is destroyed.
+        proc = _run([str(BIN / "hfedmoe"), "run", "--rounds", "1", "--clients", "2", "--dp-epsilon", "0.001",
+                     "--dp-clip", "1", "--out", str(out), *SMALL], _env(marker), timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        stop_marked(marker)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows[1]["clients"]) == 2 and rows[1]["failures"] == []
+    # The constrained client still uploads only some experts (sparse uploads survive the mod)...
+    assert min(c["experts_uploaded"] for c in rows[1]["clients"]) < 24
+    # ...and the noise reached the aggregate: the loss explodes from ~1.6.
+    assert rows[1]["loss"] > 10 * rows[0]["loss"]

@@ -46,6 +46,9 @@ class RunConfig:
     resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
     round_timeout: float = 3600.0  # seconds the server waits for replies; late clients count as failed
     max_empty_rounds: int = 3  # stop after this many rounds in a row with no usable update (0: never)
+    dp_epsilon: float = 0.0  # local differential privacy on uploads (0: off); see hfedmoe.fl.dp
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0  # L2 clipping norm of a client's update (also the sensitivity)
     seed: int = 0
     out: str | None = None
     model: str = EMBEDDED_MODEL
@@ -89,6 +92,11 @@ class RunConfig:
         if isinstance(self.max_empty_rounds, bool) or not isinstance(self.max_empty_rounds, int) \
                 or self.max_empty_rounds < 0:
             raise ConfigError(f"--max-empty-rounds must be an integer >= 0, got {self.max_empty_rounds!r}")
+        if not (isinstance(self.dp_epsilon, (int, float)) and math.isfinite(self.dp_epsilon) and self.dp_epsilon >= 0):
+            raise ConfigError(f"--dp-epsilon must be >= 0 (0 switches local DP off), got {self.dp_epsilon!r}")
+        if self.dp_epsilon and not (0.0 < self.dp_delta < 1.0 and self.dp_clip > 0):
+            raise ConfigError(f"local DP needs 0 < --dp-delta < 1 and --dp-clip > 0, got {self.dp_delta}, "
+                              f"{self.dp_clip}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")
         if self.top_k > self.num_experts:
@@ -101,7 +109,8 @@ class RunConfig:
             raise ConfigError(f"--select-by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
         for name in ("expert_agg", "gate_agg"):
             if getattr(self, name) not in AGGREGATIONS:
-                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(AGGREGATIONS)}, got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(AGGREGATIONS)}, got {value!r}")
         # The aggregation switches ablate HFedMoE's server; baselines bring their own.
         if self.method not in ("hfedmoe", "random") and (self.expert_agg, self.gate_agg) != ("hfedmoe", "hfedmoe"):
             raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "

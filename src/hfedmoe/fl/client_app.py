@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from hfedmoe.client import client_round
 from hfedmoe.config import RunConfig
 from hfedmoe.core.budget import parse_bytes
+from hfedmoe.fl.dp import sparse_local_dp_mod
 from hfedmoe.moe.access import make_access
 from hfedmoe.task import ClientData, build_model, load_client_data
 from hfedmoe.train import set_torch_threads
@@ -62,7 +63,7 @@ def _injected_crash(partition_id: int, server_round: int) -> bool:
     return False
 
 
-@app.train()
+@app.train(mods=[sparse_local_dp_mod])  # local DP on the sparse upload; a no-op unless dp_epsilon > 0
 def train(msg: Message, context: Context) -> Message:
     """One local HFedMoE round (hfedmoe.client.client_round) as a Flower reply."""
     config = msg.content["config"]

@@ -70,7 +70,7 @@ def bare_arm(cfg: RunConfig) -> dict:
     set_torch_threads()
     server_model = build_model(cfg, pretrained=True)
     server = make_access(server_model)
-    budgets = cfg.budgets_for(server.num_layers)
+    budgets = cfg.budgets_for(server.num_layers, server.num_experts)
     test = load_test_batches(cfg)
     client_access = make_access(build_model(cfg, pretrained=False))
     data = [load_client_data(cfg, pid) for pid in range(cfg.clients)]

@@ -44,8 +44,11 @@ _HELP = {
     "resume": "continue the run in --out from its last checkpoint (saved after every round) up to --rounds",
     "seed": "random seed (data split, partitions, initialisation)",
     "out": "run directory (default runs/<timestamp>)",
-    "model": f"model: {EMBEDDED_MODEL!r} (default) or a local BERT-style encoder directory to upcycle",
-    "dataset": f"dataset: {EMBEDDED_DATASET!r} (default, embedded)",
+    "model": f"model: {EMBEDDED_MODEL!r} (default), a Hugging Face MoE checkpoint (local directory or hub id: "
+             "Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, ...) or a BERT-style encoder to upcycle",
+    "dataset": f"dataset: {EMBEDDED_DATASET!r} (default, embedded) or a local .csv/.jsonl/.parquet file",
+    "text_column": "text column of --dataset FILE",
+    "label_column": "label column of --dataset FILE (labels are discovered from the data)",
     "method": f"federated method: {', '.join(METHODS)} (docs/baselines.md)",
     "num_experts": "experts per MoE layer when upcycling",
     "top_k": "experts per token",
@@ -146,15 +149,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     import json
 
     from hfedmoe.resources import calibrate, default_calibration_path
-    from hfedmoe.task import num_moe_layers
+    from hfedmoe.task import moe_shape
 
     try:
         cfg = run_config_from(args)
-        layers = num_moe_layers(cfg)
+        layers, experts = moe_shape(cfg)
     except ConfigError as err:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2
-    total = layers * cfg.num_experts
+    total = layers * experts
     counts = args.counts or sorted({max(layers, total // 8), max(layers, total // 4), max(layers, total // 2), total})
     if min(counts) < layers or max(counts) > total:
         print(f"hfedmoe: error: --counts must lie in {layers}..{total} (one expert per layer .. all)", file=sys.stderr)
@@ -202,11 +205,11 @@ def _exit_on_sigterm(signum, frame) -> None:
 def _run(args: argparse.Namespace) -> int:
     from hfedmoe.progress import RichReporter
     from hfedmoe.rundir import RunRecorder, default_run_dir
-    from hfedmoe.task import num_moe_layers
+    from hfedmoe.task import moe_shape
 
     try:
         cfg = run_config_from(args)
-        cfg.budgets_for(num_moe_layers(cfg))  # fail before any process starts
+        cfg.budgets_for(*moe_shape(cfg))  # fail before any process starts
         if cfg.mem_budgets or cfg.mem_budget_range:
             from hfedmoe.moe.access import make_access
             from hfedmoe.resources import client_budgets

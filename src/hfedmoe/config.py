@@ -53,6 +53,8 @@ class RunConfig:
     out: str | None = None
     model: str = EMBEDDED_MODEL
     dataset: str = EMBEDDED_DATASET
+    text_column: str = "text"  # for --dataset FILE
+    label_column: str = "label"
     method: str = "hfedmoe"
     num_experts: int = 8
     top_k: int = 2
@@ -153,14 +155,15 @@ class RunConfig:
             raise ConfigError(f"--mem-budget-range {self.mem_budget_range}: the low end exceeds the high end")
         return low, high
 
-    def budgets_for(self, num_layers: int) -> list[int]:
+    def budgets_for(self, num_layers: int, experts_per_layer: int | None = None) -> list[int]:
         """C_budget per client, checked against the model's ``num_layers`` MoE layers.
 
         Default (paper-like: about half the clients constrained): the first
         ceil(C/2) clients may train every expert; the others get fractions from
         1/2 down to 1/4 of all experts, never below one expert per layer.
         """
-        total = num_layers * self.num_experts
+        # A MoE checkpoint brings its own expert count; --num-experts shapes upcycling only.
+        total = num_layers * (experts_per_layer or self.num_experts)
         if self.expert_budgets is not None:
             budgets = list(self.expert_budgets)
         else:

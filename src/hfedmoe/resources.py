@@ -45,6 +45,20 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def _release_free_memory() -> None:
+    """Make resident memory track live memory (glibc): big blocks get their own mmap
+    from now on, and memory already freed is handed back, so a baseline taken next
+    is not inflated by earlier garbage. A no-op where glibc is not the allocator."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD (the same as MALLOC_ENV, for this process)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak resident memory added by a block of code (Linux /proc; CPU runs).
 
@@ -54,6 +68,7 @@ class PeakMemory:
     """
 
     def __enter__(self) -> "PeakMemory":
+        _release_free_memory()
         self.exact = True
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -83,10 +98,11 @@ def analytic_model_for(access, batch_size: int, max_length: int) -> MemoryModel:
     model = access.model
     params = dict(model.named_parameters())
     groups = access.param_groups()
-    expert_names = [n for n in groups.all_expert_keys if n in params]
-    dense = sum(p.numel() * p.element_size() for n, p in params.items() if n not in set(expert_names))
-    per_expert = sum(params[n].numel() * params[n].element_size() for n in expert_names) / max(
-        1, access.num_layers * access.num_experts)
+    # Dense and router keys are real parameter names in every layout; the experts
+    # (separate modules or slices of fused tensors) are everything else.
+    shared = set(groups.dense) | set(groups.routers)
+    dense = sum(p.numel() * p.element_size() for n, p in params.items() if n in shared)
+    per_expert = (weight_bytes(model) - dense) / max(1, access.num_layers * access.num_experts)
     hidden = getattr(getattr(model, "backbone", model), "config", None)
     width = getattr(hidden, "hidden_size", 384)
     inter = getattr(hidden, "intermediate_size", 4 * width)
@@ -261,11 +277,11 @@ def client_budgets(cfg: RunConfig, access, node_memory: dict[int, int] | None = 
         for pid, value in node_memory.items():
             mems[pid] = value
     if mems is None or all(m is None for m in mems):
-        experts = cfg.budgets_for(access.num_layers)
+        experts = cfg.budgets_for(access.num_layers, access.num_experts)
         mems = [None] * cfg.clients
     else:
         model = load_memory_model(cfg, access)
-        default = cfg.budgets_for(access.num_layers)
+        default = cfg.budgets_for(access.num_layers, access.num_experts)
         experts = []
         for i, mem in enumerate(mems):
             if mem is None:

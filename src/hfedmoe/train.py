@@ -185,7 +185,7 @@ def train_local(
             access.set_selection(selected)
             total.backward(inputs=params)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            with access.freeze_unselected(selected):
+            with access.freeze_unselected(selected, optimizer):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # Experts outside this batch's selection hold no optimizer state: a

@@ -168,7 +168,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             final_state = strategy._last_state or initial
     else:  # the checkpoint already holds every requested round
         final_state = initial
-    model_info = {"spec": model_spec(cfg).to_dict(), "label_names": label_names(cfg)}
+    model_info = {"spec": model_spec(cfg), "label_names": label_names(cfg)}
     summary = recorder.finish(final_state, model_info, {"aborted": aborted} if aborted else None)
     reporter.on_end(summary)
     return summary

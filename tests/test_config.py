@@ -38,7 +38,7 @@ def test_defaults_are_valid():
         ({"test_fraction": 0.0}, "--test-fraction"),
         ({"test_fraction": 1.0}, "--test-fraction"),
         ({"top_k": 9, "num_experts": 8}, "--top-k 9 exceeds --num-experts 8"),
-        ({"method": "fedavg"}, "--method 'fedavg' is not available; choose one of hfedmoe"),
+        ({"method": "fedprox"}, "--method 'fedprox' is not available; choose one of hfedmoe, fedavg-full, "),
         ({"pooling": "sum"}, "--pooling must be one of mean, max"),
         ({"select_by": "random"}, "--select-by must be one of ib, importance"),
         ({"expert_budgets": [8, 8, 8]}, "--expert-budgets lists 3 budgets for 4 clients"),

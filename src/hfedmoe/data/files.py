@@ -39,6 +39,8 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
     try:
         table = reader(str(path))
     except Exception as err:  # malformed file: report it as the user's file problem
+        if "corresponds to no data" in str(err):  # a header and nothing else
+            raise ValueError(f"{path} holds no rows") from None
         raise ValueError(f"{path}: cannot read it as {kind}: {str(err).splitlines()[0][:200]}") from None
     if len(table) == 0:
         raise ValueError(f"{path} holds no rows")

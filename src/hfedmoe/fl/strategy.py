@@ -139,7 +139,7 @@ class HFedMoE(Strategy):
         for msg in replies:
             if not msg.has_error() and "failure" in msg.content:  # the client could not train (e.g. FedAvg over budget)
                 failures.append(self._training_failure(msg))
-                log(WARNING, "round %d: %s", server_round, failures[-1]["reason"])
+                log(INFO, "round %d: %s", server_round, failures[-1]["reason"])  # expected under this method
                 continue
             try:
                 updates.append(parse_reply(msg, self.groups, self._current))

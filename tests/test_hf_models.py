@@ -1,0 +1,179 @@
+"""Hugging Face MoE checkpoints in a federated run, on a local data file.
+
+Every family: a tiny randomly initialised config saved with save_pretrained (plus
+the embedded tokenizer), loaded by path, one federated round of HFedMoE on a small
+csv/jsonl/parquet file. The round runs in-process (the same client_round and
+strategy aggregation the Flower apps call); one family also runs through the real
+Flower simulation engine via `hfedmoe run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from hfedmoe.client import client_round
+from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.data import embedded_tokenizer_path, load_bbc_news, load_tokenizer
+from hfedmoe.fl.records import ClientUpdate, raw_nbytes
+from hfedmoe.fl.strategy import HFedMoE
+from hfedmoe.moe.access import make_access
+from hfedmoe.task import build_model, load_client_data, moe_shape
+from proc_marker import MARKER, new_marker, stop_marked
+from test_hf_fused import COMMON, FAMILIES
+
+CLASSIFIERS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(embedded_tokenizer_path())
+
+
+def save_family(name: str, directory: Path, tokenizer) -> Path:
+    family = FAMILIES[name]
+    config = transformers.AutoConfig.for_model(
+        family.model_type, **{**COMMON, "vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id},
+        **family.config)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_data(path: Path, per_class: int = 8) -> Path:
+    """A small 3-topic file in the format its suffix names."""
+    bbc = load_bbc_news()
+    rows = []
+    for label in (0, 1, 4):
+        texts = [t for t, y in zip(bbc.texts, bbc.labels) if y == label][:per_class]
+        rows += [{"body": t[:300], "topic": bbc.label_names[label]} for t in texts]
+    import datasets
+
+    table = datasets.Dataset.from_list(rows)
+    {".csv": table.to_csv, ".jsonl": table.to_json, ".parquet": table.to_parquet}[path.suffix](str(path))
+    return path
+
+
+def one_round(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
+    """One HFedMoE round in-process: returns (old state, per-client replies' metrics, new state)."""
+    server = make_access(build_model(cfg, pretrained=True))
+    client = make_access(build_model(cfg, pretrained=False))
+    budgets = cfg.budgets_for(server.num_layers, server.num_experts)
+    strategy = HFedMoE(server.param_groups(), dict(enumerate(budgets)), cfg.to_json(), cfg.tau)
+    state = server.state_dict()
+    strategy._current = state
+    updates, metrics = [], []
+    for pid in range(cfg.clients):
+        reply = client_round(cfg, client, load_client_data(cfg, pid), state, budgets[pid], 1)
+        upload = {k: v.clone() for k, v in reply.upload.items()}
+        groups = strategy.groups
+        assert set(upload) <= set(state)
+        updates.append(ClientUpdate(
+            node_id=pid, partition_id=pid, num_examples=reply.metrics["num-examples"],
+            experts={k: v for k, v in upload.items() if k in groups.expert_of},
+            routers={k: upload[k] for k in groups.routers}, dense={k: upload[k] for k in groups.dense},
+            usage=reply.stats["usage"], importance=reply.stats["importance"],
+            selection_counts=reply.stats["selection-counts"], metrics=reply.metrics, bytes_up=0,
+            bytes_up_floor=raw_nbytes(upload)))
+        metrics.append(reply.metrics)
+    new = strategy.aggregate(updates)
+    new.pop("__alpha__")
+    server.load_state_dict(new, strict=True)
+    return state, metrics, new
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("suffix", [".csv"])
+def test_one_federated_round_per_family(name, suffix, tmp_path, tokenizer):
+    model_dir = save_family(name, tmp_path / name, tokenizer)
+    data = write_data(tmp_path / f"data{suffix}")
+    cfg = RunConfig(model=str(model_dir), dataset=str(data), text_column="body", label_column="topic",
+                    clients=2, rounds=1, local_steps=2, batch_size=4, max_length=16, alpha=5.0,
+                    test_fraction=0.25).validate()
+    layers, experts = moe_shape(cfg)
+    assert (layers, experts) == (len(FAMILIES[name].moe_layers), FAMILIES[name].num_experts)
+    old, metrics, new = one_round(cfg)
+    total = layers * experts
+    assert [m["expert-budget"] for m in metrics] == [total, total // 2]  # from the model's own experts
+    for m in metrics:
+        assert layers <= m["experts-trained-mean"] <= m["expert-budget"]
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert any(".__expert__." in k for k in changed), "no expert moved"
+    assert any("score" in k for k in changed), "the classification head did not train"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_other_file_formats_load_the_same_data(suffix, tmp_path, tokenizer):
+    from hfedmoe.data.files import load_text_file
+
+    csv = load_text_file(write_data(tmp_path / "d.csv"), "body", "topic")
+    other = load_text_file(write_data(tmp_path / f"d{suffix}"), "body", "topic")
+    assert other.texts == csv.texts and other.labels == csv.labels and other.label_names == csv.label_names
+    assert csv.label_names == ["business", "entertainment", "tech"]
+
+
+def test_olmoe_has_no_classification_head_and_says_so(tmp_path, tokenizer):
+    model_dir = save_family("olmoe", tmp_path / "olmoe", tokenizer)
+    cfg = RunConfig(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",
+                    label_column="topic", clients=2)
+    with pytest.raises(ConfigError, match="no sequence-classification head"):
+        moe_shape(cfg)
+
+
+def test_a_dense_checkpoint_is_refused_with_one_message(tmp_path, tokenizer):
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": tokenizer.vocab_size, "pad_token_id": 0},
+                                      intermediate_size=16, num_hidden_layers=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    cfg = RunConfig(model=str(tmp_path / "llama"), dataset=str(write_data(tmp_path / "d.csv")),
+                    text_column="body", label_column="topic")
+    with pytest.raises(ConfigError, match="no Mixture-of-Experts layer"):
+        moe_shape(cfg)
+
+
+@pytest.mark.parametrize("problem, content, match", [
+    ("missing column", "text,label\nhello,a\nworld,b\n", "no column 'body'"),
+    ("empty", "body,topic\n", "holds no rows"),
+    ("single example", "body,topic\nhello,a\nworld,a\nagain,b\n", "single example"),
+    ("empty text", "body,topic\nhello,a\n,a\nx,b\ny,b\n", "not a non-empty text"),
+])
+def test_bad_data_files_fail_with_one_clear_message(problem, content, match, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    cfg = RunConfig(dataset=str(path), text_column="body", label_column="topic")
+    from hfedmoe.task import load_client_data as load
+
+    with pytest.raises(ConfigError, match=match):
+        load(cfg, 0)
+
+
+def test_a_mixtral_checkpoint_runs_through_the_flower_engine(tmp_path, tokenizer):
+    model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
+    data = write_data(tmp_path / "d.parquet")
+    out = tmp_path / "run"
+    marker = new_marker()
+    env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    try:
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "hfedmoe"), "run", "--model", str(model_dir), "--dataset", str(data),
+             "--text-column", "body", "--label-column", "topic", "--rounds", "1", "--clients", "2",
+             "--local-steps", "2", "--batch-size", "4", "--max-length", "16", "--alpha", "5",
+             "--test-fraction", "0.25", "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        stop_marked(marker)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert sorted(c["expert_budget"] for c in rows[1]["clients"]) == [4, 8]  # 2 layers x 4 experts
+    spec = json.loads((out / "final" / "config.json").read_text())["spec"]
+    assert spec["kind"] == "hf-sequence-classification"

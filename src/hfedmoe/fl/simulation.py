@@ -7,7 +7,6 @@ import os
 
 from hfedmoe.config import RunConfig
 from hfedmoe.fl.processes import stop_descendants
-from hfedmoe.resources import MALLOC_ENV
 
 
 class _CapturingReporter:
@@ -43,10 +42,6 @@ def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    # Ray's workers inherit this: freed tensors go back to the kernel, so each
-    # client's per-round peak-memory baseline is honest (see hfedmoe.resources).
-    for key, value in MALLOC_ENV.items():
-        os.environ.setdefault(key, value)
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from hfedmoe.fl.client_app import app as client_app

@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(calibrate)
     calibrate.add_argument("--counts", type=parse_int_list, default=None,
                            help="experts per batch to measure (default: 1/8, 1/4, 1/2, all, at least one per layer)")
-    calibrate.add_argument("--steps", type=int, default=4, help="training steps per measurement")
+    calibrate.add_argument("--steps", type=int, default=None,
+                           help="training steps per measurement (default: --local-steps, as in a round: "
+                                "allocator fragmentation grows over a round's steps)")
     calibrate.add_argument("--calibration-out", default=None,
                            help="where to write the calibration (default: the cache the run reads)")
 
@@ -163,8 +165,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"hfedmoe: error: --counts must lie in {layers}..{total} (one expert per layer .. all)", file=sys.stderr)
         return 2
     print(f"calibrating {total} experts ({layers} MoE layers), batch {cfg.batch_size} x {cfg.max_length} tokens, "
-          f"{args.steps} steps per point, each in a fresh process ...", file=sys.stderr)
-    result = calibrate(cfg, counts, steps=args.steps, log=lambda t: print(t, file=sys.stderr, flush=True))
+          f"{args.steps or cfg.local_steps} steps per point, each in a fresh process ...", file=sys.stderr)
+    steps = args.steps or cfg.local_steps
+    result = calibrate(cfg, counts, steps=steps, log=lambda t: print(t, file=sys.stderr, flush=True))
     path = Path(args.calibration_out) if args.calibration_out else default_calibration_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,7 +22,7 @@ import transformers
 from hfedmoe.client import client_round
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.data import embedded_tokenizer_path, load_bbc_news, load_tokenizer
-from hfedmoe.fl.records import ClientUpdate, raw_nbytes
+from hfedmoe.fl.records import update_from_round
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe.access import make_access
 from hfedmoe.task import build_model, load_client_data, moe_shape
@@ -73,16 +73,8 @@ def one_round(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
     updates, metrics = [], []
     for pid in range(cfg.clients):
         reply = client_round(cfg, client, load_client_data(cfg, pid), state, budgets[pid], 1)
-        upload = {k: v.clone() for k, v in reply.upload.items()}
-        groups = strategy.groups
-        assert set(upload) <= set(state)
-        updates.append(ClientUpdate(
-            node_id=pid, partition_id=pid, num_examples=reply.metrics["num-examples"],
-            experts={k: v for k, v in upload.items() if k in groups.expert_of},
-            routers={k: upload[k] for k in groups.routers}, dense={k: upload[k] for k in groups.dense},
-            usage=reply.stats["usage"], importance=reply.stats["importance"],
-            selection_counts=reply.stats["selection-counts"], metrics=reply.metrics, bytes_up=0,
-            bytes_up_floor=raw_nbytes(upload)))
+        assert set(reply.upload) <= set(state)
+        updates.append(update_from_round(pid, reply, strategy.groups))
         metrics.append(reply.metrics)
     new = strategy.aggregate(updates)
     new.pop("__alpha__")

@@ -29,7 +29,7 @@ import torch
 
 from hfedmoe.client import client_round
 from hfedmoe.config import RunConfig
-from hfedmoe.fl.records import ClientUpdate, raw_nbytes
+from hfedmoe.fl.records import ClientUpdate, raw_nbytes, update_from_round
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe.access import make_access
 from hfedmoe.task import build_model, load_client_data, load_test_batches
@@ -85,18 +85,8 @@ def bare_arm(cfg: RunConfig) -> dict:
         for pid in range(cfg.clients):
             # Clone: the server's state must not be trained in place by the client.
             reply = client_round(cfg, client_access, data[pid], state, budgets[pid], server_round)
-            # Copy out (as serialising a reply does): the next client reuses the model.
-            reply.upload = {k: v.clone() for k, v in reply.upload.items()}
-            groups = strategy.groups
-            updates.append(ClientUpdate(
-                node_id=pid, partition_id=pid, num_examples=data[pid].num_examples,
-                experts={k: v for k, v in reply.upload.items() if k in groups.expert_of},
-                routers={k: reply.upload[k] for k in groups.routers},
-                dense={k: reply.upload[k] for k in groups.dense},
-                usage=reply.stats["usage"], importance=reply.stats["importance"],
-                selection_counts=reply.stats["selection-counts"], metrics=reply.metrics,
-                bytes_up=0, bytes_up_floor=raw_nbytes(reply.upload),
-            ))
+            # Copied out (as serialising a reply does): the next client reuses the model.
+            updates.append(update_from_round(pid, reply, strategy.groups))
         new_state = strategy.aggregate(updates)
         new_state.pop("__alpha__")
         state = new_state

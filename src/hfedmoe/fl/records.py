@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Message
 
+from hfedmoe.client import ClientRoundResult
 from hfedmoe.moe.access import ParamGroups
 
 
@@ -42,6 +43,22 @@ class ClientUpdate:
     metrics: dict
     bytes_up: int
     bytes_up_floor: int  # raw tensor bytes of the uploaded arrays (numel x itemsize)
+
+
+def update_from_round(node_id: int, reply: ClientRoundResult, groups: ParamGroups) -> ClientUpdate:
+    """A ClientUpdate straight from a client round, without a Flower message (in-process
+    loops: benchmarks and tests). The tensors are copied, as serialising would."""
+    upload = {k: v.clone() for k, v in reply.upload.items()}
+    return ClientUpdate(
+        node_id=node_id, partition_id=int(reply.metrics["partition-id"]),
+        num_examples=int(reply.metrics["num-examples"]),
+        experts={k: v for k, v in upload.items() if k in groups.expert_of},
+        routers={k: upload[k] for k in groups.routers},
+        dense={k: upload[k] for k in groups.dense},
+        usage=reply.stats["usage"], importance=reply.stats["importance"],
+        selection_counts=reply.stats["selection-counts"], metrics=reply.metrics,
+        bytes_up=0, bytes_up_floor=raw_nbytes(upload),
+    )
 
 
 def record_nbytes(record: ArrayRecord) -> int:

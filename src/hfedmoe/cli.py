@@ -62,6 +62,11 @@ _HELP = {
                   "ablation, Fig. 16)",
     "gate_agg": "router aggregation: hfedmoe (Eq. 18-21) or fedavg (num_examples-weighted; HFedMoE ablation, Fig. 16)",
     "aux_loss_coef": "load-balancing loss coefficient",
+    "lora_rank": "LoRA rank R on every routed expert (one adapter per expert) and the attention projections; "
+                 "0 = full fine-tuning (docs/lora.md)",
+    "lora_alpha": "LoRA alpha (scaling alpha/R); 0 = 2 x --lora-rank",
+    "lora_targets": "comma-separated Linear module names for dense LoRA, e.g. q_proj,v_proj "
+                    "(default: the attention projections found in the model)",
 }
 
 

@@ -67,6 +67,9 @@ class RunConfig:
     expert_agg: str = "hfedmoe"
     gate_agg: str = "hfedmoe"
     aux_loss_coef: float = 0.01
+    lora_rank: int = 0  # 0: full fine-tuning; R > 0: PEFT LoRA on experts + attention (docs/lora.md)
+    lora_alpha: float = 0.0  # LoRA scaling numerator; 0: 2 x lora_rank
+    lora_targets: str = ""  # comma-separated Linear names for dense LoRA; "": the model's attention projections
     extra: dict = field(default_factory=dict)
 
     # --- validation -------------------------------------------------------------
@@ -117,6 +120,7 @@ class RunConfig:
         if self.method not in ("hfedmoe", "random") and (self.expert_agg, self.gate_agg) != ("hfedmoe", "hfedmoe"):
             raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "
                               "aggregation (docs/baselines.md): leave them at hfedmoe")
+        self._validate_lora()
         if self.expert_budgets is not None:
             if len(self.expert_budgets) != self.clients:
                 raise ConfigError(
@@ -144,6 +148,33 @@ class RunConfig:
             if any(not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0) for t in self.time_budgets):
                 raise ConfigError(f"--time-budgets must be positive seconds, got {self.time_budgets}")
         return self
+
+    def _validate_lora(self) -> None:
+        rank = self.lora_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"--lora-rank must be an integer >= 0 (0 = full fine-tuning), got {rank!r}")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+            raise ConfigError(f"--lora-alpha must be a number >= 0 (0 = 2 x --lora-rank), got {alpha!r}")
+        if not rank:
+            if alpha or self.lora_targets:
+                raise ConfigError("--lora-alpha/--lora-targets configure LoRA: also pass --lora-rank R (e.g. 8)")
+            return
+        names = [part.strip() for part in str(self.lora_targets).split(",")] if self.lora_targets else []
+        bad = [n for n in names if not n.isidentifier()]
+        if bad:
+            raise ConfigError(f"--lora-targets takes comma-separated module names like q_proj,v_proj, got {bad[0]!r}")
+        if self.model == EMBEDDED_MODEL:
+            raise ConfigError(f"--lora-rank applies to Hugging Face MoE checkpoints with fused experts; the embedded "
+                              f"{EMBEDDED_MODEL!r} is fine-tuned fully: drop --lora-rank or pass --model DIR")
+
+    def lora_alpha_value(self) -> float:
+        """The effective LoRA alpha (``--lora-alpha``, or 2 x rank when left at 0)."""
+        return float(self.lora_alpha) if self.lora_alpha else 2.0 * self.lora_rank
+
+    def lora_target_names(self) -> list[str]:
+        """The names of ``--lora-targets`` (empty: discover the attention projections)."""
+        return [part.strip() for part in str(self.lora_targets).split(",") if part.strip()]
 
     def mem_budget_bounds(self) -> tuple[int, int]:
         """(low, high) bytes of --mem-budget-range."""

@@ -98,8 +98,12 @@ def model_spec(cfg: RunConfig) -> dict:
     """What is needed to rebuild the model (written next to the final weights)."""
     train, _ = _split(cfg)
     if model_kind(cfg) == "hf":
-        return {"kind": "hf-sequence-classification", "base_path": str(resolve_model_path(cfg)),
+        spec = {"kind": "hf-sequence-classification", "base_path": str(resolve_model_path(cfg)),
                 "num_labels": train.num_classes}
+        if cfg.lora_rank:  # the saved state holds adapters, routers and head only
+            spec["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha_value(),
+                            "targets": cfg.lora_target_names(), "seed": cfg.seed}
+        return spec
     spec = UpcycledSpec(base_path=str(resolve_model_path(cfg)), num_labels=train.num_classes,
                         num_experts=cfg.num_experts, top_k=cfg.top_k)
     return {"kind": "upcycled", **spec.to_dict()}
@@ -187,11 +191,35 @@ def build_model(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
     """The run's model; ``pretrained=False`` gives the architecture only (clients)."""
     _quiet_transformers(cfg)
     if model_kind(cfg) == "hf":
+        if cfg.lora_rank:
+            return _lora_classifier(cfg)
         model = _hf_classifier(cfg, pretrained)
         _access_or_error(cfg, model)
         return model
+    if cfg.lora_rank:
+        raise ConfigError(f"--lora-rank applies to Hugging Face MoE checkpoints with fused experts; --model "
+                          f"{cfg.model!r} is upcycled here and fine-tuned fully: drop --lora-rank")
     spec = UpcycledSpec(**{k: v for k, v in model_spec(cfg).items() if k != "kind"})
     return build_upcycled_classifier(spec, pretrained=pretrained, seed=cfg.seed)
+
+
+def _lora_classifier(cfg: RunConfig) -> torch.nn.Module:
+    """The checkpoint with PEFT LoRA on its experts and dense targets (docs/lora.md).
+
+    The frozen base weights never cross the wire, so every party (clients too) loads
+    them from the checkpoint; the trainable state (adapters, routers, head) is seeded
+    and then overwritten by the global state each round anyway.
+    """
+    from hfedmoe.moe.access import NoMoELayersError
+    from hfedmoe.moe.lora import LoraTargetError, apply_lora
+
+    model = _hf_classifier(cfg, pretrained=True)
+    try:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha_value(), cfg.lora_target_names(), seed=cfg.seed)
+    except (NoMoELayersError, LoraTargetError) as err:
+        raise ConfigError(f"--model {cfg.model!r}: {err}") from None
+    _access_or_error(cfg, model)
+    return model
 
 
 @functools.lru_cache(maxsize=2)

@@ -239,6 +239,11 @@ def make_access(model: nn.Module) -> MoEAccess:
         from hfedmoe.moe import hf_fused
     except ImportError:  # fused layouts not available in this build
         hf_fused = None
+    if hf_fused is not None:
+        from hfedmoe.moe import lora
+
+        if lora.is_lora_model(model):  # PEFT LoRA on fused experts: the state is the adapters
+            return lora.LoraMoEAccess(model)
     if hf_fused is not None and hf_fused.detect(model):
         return hf_fused.FusedMoEAccess(model)
     from hfedmoe.moe import hf_switch

@@ -312,3 +312,14 @@ def test_an_unknown_target_of_a_checkpoint_is_a_config_error(tmp_path, tokenizer
                     label_column="topic", lora_rank=2, lora_targets="c_attn").validate()
     with pytest.raises(ConfigError, match="'c_attn' is no nn.Linear module of this model"):
         build_model(cfg, pretrained=False)
+
+
+@pytest.mark.parametrize("method", ["fedavg-full", "pfl-moe"])
+def test_baselines_run_on_lora_adapters(method, tmp_path, tokenizer):  # noqa: F811
+    model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
+    cfg = RunConfig(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",
+                    label_column="topic", clients=2, rounds=1, local_steps=2, batch_size=4, max_length=16, alpha=5.0,
+                    test_fraction=0.25, lr=1e-3, lora_rank=RANK, method=method).validate()
+    _, old, uploads, new = one_round_with_uploads(cfg)
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed <= set().union(*uploads) and any(".__expert__." in k for k in changed)

@@ -198,6 +198,7 @@ def test_state_holds_only_trainable_tensors_and_round_trips(name):
     assert not any(".base_layer." in k and ".lora_" not in k for k in state)
     assert all(".lora_" in k for k in groups.all_expert_keys)
     assert all(k.endswith(".gate.weight") for k in groups.routers)
+    assert access.new_parameter_names() == {"score.weight"}  # the head gets the larger learning rate
     # a model built with another adapter seed differs, and loading the state makes it equal
     other = make_access(lora_model(name, seed=1))
     assert not all(torch.equal(state[k], v) for k, v in other.state_dict().items())

@@ -39,6 +39,7 @@ that receive no token get exactly zero adapter gradient).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -173,10 +174,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | N
 
 def is_lora_model(model: nn.Module) -> bool:
     """True when PEFT LoRA ``ParamWrapper`` layers wrap fused expert tensors of ``model``."""
-    try:
-        from peft.tuners.lora.layer import ParamWrapper
-    except ImportError:
+    layer = sys.modules.get("peft.tuners.lora.layer")  # never imported: no PEFT layer can exist (and the
+    if layer is None:                                   # default, non-LoRA path does not pay peft's import)
         return False
+    ParamWrapper = layer.ParamWrapper
     return any(isinstance(m, ParamWrapper) for m in model.modules())
 
 

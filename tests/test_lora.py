@@ -94,7 +94,7 @@ def test_experts_without_tokens_get_no_adapter_gradient(name):
 
 # --- 2. training one expert -------------------------------------------------------------------
 
-IDS = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
 def routed_expert(access, layer: int) -> int:
@@ -120,7 +120,7 @@ def train_steps(access, selection, steps=2, freeze=True):
     return optimizer
 
 
-@pytest.mark.parametrize("name, layer", [("mixtral", 1), ("qwen2_moe", 0), ("qwen3_moe", 1)])
+@pytest.mark.parametrize("name, layer", [("mixtral", 1), ("qwen2_moe", 0), ("qwen3_moe", 1), ("deepseek_v3", 0)])
 def test_training_one_expert_changes_exactly_its_slices(name, layer):
     model = lora_model(name)
     access = make_access(model)
@@ -129,7 +129,20 @@ def test_training_one_expert_changes_exactly_its_slices(name, layer):
     selection = torch.zeros(access.num_layers, access.num_experts, dtype=torch.bool)
     selection[layer, expert] = True
     before, base, state0 = slices(access), base_weights(access), access.state_dict()
+    raw = {k: access._params[k].detach().clone() for k in access._packed}
     train_steps(access, selection)
+    # Independently of our slice mapping, through PEFT's own unpacking (layer.py,
+    # ParamWrapper.get_delta_weight): lora_A.reshape(E, r, in), lora_B.reshape(out, r, E).
+    E = access.num_experts
+    for key, old in raw.items():
+        new = access._params[key].detach()
+        if ".lora_A." in key:  # [E, r, in]
+            old, new = old.reshape(E, RANK, -1), new.reshape(E, RANK, -1)
+        else:  # [out, r, E] -> [E, out, r]
+            old, new = (t.reshape(t.shape[0], RANK, E).permute(2, 0, 1) for t in (old, new))
+        for e in range(E):
+            trained = (access._packed[key].layer, e) == (layer, expert)
+            assert torch.equal(old[e], new[e]) != trained, (key, e)
     after = slices(access)
     for le, tensors in before.items():
         for key, old, new in zip(access.param_groups().experts[le], tensors, after[le]):
@@ -137,6 +150,14 @@ def test_training_one_expert_changes_exactly_its_slices(name, layer):
                 assert not torch.equal(old, new), key  # A and B of both tensors moved
             else:
                 assert torch.equal(old, new), key  # bit-identical, weight decay included
+    # Independently of our slice mapping: PEFT's own delta weight (lora_B starts at zero)
+    # is non-zero for the trained expert only.
+    for key in (k for k in access._packed if ".lora_B." in k):
+        delta = wrapper_of(model, key).get_delta_weight("default")
+        trained = access._packed[key].layer == layer
+        assert bool(delta[expert].abs().sum() > 0) == trained, key
+        others = [e for e in range(access.num_experts) if e != expert]
+        assert torch.equal(delta[others], torch.zeros_like(delta[others])), key
     now = base_weights(access)
     assert all(torch.equal(base[n], now[n]) for n in base)  # base weights frozen
     state1 = access.state_dict()

@@ -328,12 +328,25 @@ def test_lora_flags_parse_from_the_command_line():
     assert (cfg.lora_rank, cfg.lora_alpha_value(), cfg.lora_target_names()) == (8, 16.0, ["q_proj", "v_proj"])
 
 
-def test_an_unknown_target_of_a_checkpoint_is_a_config_error(tmp_path, tokenizer):  # noqa: F811
+def test_an_unknown_target_of_a_checkpoint_is_a_config_error(tmp_path, tokenizer, capsys):  # noqa: F811
+    from hfedmoe.cli import main
+    from hfedmoe.task import moe_shape
+
     model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
-    cfg = RunConfig(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",
-                    label_column="topic", lora_rank=2, lora_targets="c_attn").validate()
-    with pytest.raises(ConfigError, match="'c_attn' is no nn.Linear module of this model"):
+    data = write_data(tmp_path / "d.csv")
+    cfg = RunConfig(model=str(model_dir), dataset=str(data), text_column="body", label_column="topic",
+                    lora_rank=2, lora_targets="c_attn").validate()
+    match = "'c_attn' is no nn.Linear module of this model.*choose from .*q_proj"
+    with pytest.raises(ConfigError, match=match):
         build_model(cfg, pretrained=False)
+    with pytest.raises(ConfigError, match=match):
+        moe_shape(cfg)  # what the CLI checks before any process starts
+    argv = ["run", "--model", str(model_dir), "--dataset", str(data), "--text-column", "body", "--label-column",
+            "topic", "--lora-rank", "2", "--lora-targets", "c_attn", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error") == 1 and "'c_attn' is no nn.Linear module" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("method", ["fedavg-full", "pfl-moe"])

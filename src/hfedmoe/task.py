@@ -117,10 +117,33 @@ def label_names(cfg: RunConfig) -> list[str]:
 def moe_shape(cfg: RunConfig) -> tuple[int, int]:
     """(MoE layers L, routed experts per layer S) of the run's model, no weights loaded."""
     if model_kind(cfg) == "upcycle":
+        _check_lora(cfg, None)
         return num_moe_layers(cfg), cfg.num_experts
     with torch.device("meta"):
-        access = _access_or_error(cfg, _hf_classifier(cfg, pretrained=False))
+        model = _hf_classifier(cfg, pretrained=False)
+        access = _access_or_error(cfg, model)
+        _check_lora(cfg, model)  # before any process starts
     return access.num_layers, access.num_experts
+
+
+def _check_lora(cfg: RunConfig, model) -> None:
+    """ConfigError for LoRA flags the model cannot honour (``model``:
+    the bare HF classifier, weights not needed; None: an upcycled model)."""
+    if not cfg.lora_rank:
+        return
+    if model is None:
+        raise ConfigError(f"--lora-rank applies to Hugging Face MoE checkpoints with fused experts; --model "
+                          f"{cfg.model!r} is upcycled here and fine-tuned fully: drop --lora-rank")
+    from hfedmoe.moe.hf_fused import find_fused_blocks
+    from hfedmoe.moe.lora import LoraTargetError, resolve_targets
+
+    if not find_fused_blocks(model):
+        raise ConfigError(f"--model {cfg.model!r}: --lora-rank needs fused experts (transformers 5.x Mixtral, "
+                          "Qwen-MoE, DeepSeek, ...); this layout is fine-tuned fully: drop --lora-rank")
+    try:
+        resolve_targets(model, cfg.lora_target_names())
+    except LoraTargetError as err:
+        raise ConfigError(f"--model {cfg.model!r}: {err}") from None
 
 
 def num_moe_layers(cfg: RunConfig) -> int:
@@ -196,9 +219,7 @@ def build_model(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
         model = _hf_classifier(cfg, pretrained)
         _access_or_error(cfg, model)
         return model
-    if cfg.lora_rank:
-        raise ConfigError(f"--lora-rank applies to Hugging Face MoE checkpoints with fused experts; --model "
-                          f"{cfg.model!r} is upcycled here and fine-tuned fully: drop --lora-rank")
+    _check_lora(cfg, None)
     spec = UpcycledSpec(**{k: v for k, v in model_spec(cfg).items() if k != "kind"})
     return build_upcycled_classifier(spec, pretrained=pretrained, seed=cfg.seed)
 

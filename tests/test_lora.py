@@ -358,3 +358,23 @@ def test_baselines_run_on_lora_adapters(method, tmp_path, tokenizer):  # noqa: F
     _, old, uploads, new = one_round_with_uploads(cfg)
     changed = {k for k in old if not torch.equal(old[k], new[k])}
     assert changed <= set().union(*uploads) and any(".__expert__." in k for k in changed)
+
+
+def test_analytic_memory_model_counts_only_trainable_expert_bytes(tmp_path, tokenizer):  # noqa: F811
+    from hfedmoe.resources import analytic_model_for
+
+    model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
+    common = dict(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",
+                  label_column="topic")
+    full = make_access(build_model(RunConfig(**common).validate(), pretrained=False))
+    lora = make_access(build_model(RunConfig(**common, lora_rank=RANK).validate(), pretrained=False))
+    per_expert = {}
+    for name, access in (("full", full), ("lora", lora)):
+        state = access.state_dict()
+        per_expert[name] = nbytes({k: state[k] for k in access.param_groups().experts[(0, 0)]})
+    full_model, lora_model_ = analytic_model_for(full, 4, 16), analytic_model_for(lora, 4, 16)
+    # same activations; a trained expert adds 3 x its trainable bytes (weights' gradient + 2 AdamW moments)
+    # (before LoRA was counted, the frozen base weights made LoRA's slope the LARGER one)
+    saved = full_model.per_expert_bytes - lora_model_.per_expert_bytes
+    assert saved == pytest.approx(3 * (per_expert["full"] - per_expert["lora"]))
+    assert saved > 0

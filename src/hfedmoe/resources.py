@@ -98,7 +98,10 @@ def analytic_model_for(access, batch_size: int, max_length: int) -> MemoryModel:
     # (separate modules or slices of fused tensors) are everything else.
     shared = set(groups.dense) | set(groups.routers)
     dense = sum(p.numel() * p.element_size() for n, p in params.items() if n in shared)
-    per_expert = (weight_bytes(model) - dense) / max(1, access.num_layers * access.num_experts)
+    # Frozen parameters (LoRA's base weights) are resident but get no gradient or moments:
+    # a trained expert costs its trainable tensors only (with full fine-tuning: all of them).
+    experts = sum(p.numel() * p.element_size() for n, p in params.items() if n not in shared and p.requires_grad)
+    per_expert = experts / max(1, access.num_layers * access.num_experts)
     hidden = getattr(getattr(model, "backbone", model), "config", None)
     width = getattr(hidden, "hidden_size", 384)
     inter = getattr(hidden, "intermediate_size", 4 * width)

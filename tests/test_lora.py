@@ -302,6 +302,11 @@ def test_one_federated_round_with_lora(name, tmp_path, tokenizer):  # noqa: F811
     pristine = make_access(build_model(cfg, pretrained=True))
     params, now = dict(pristine.model.named_parameters()), dict(server.model.named_parameters())
     assert all(torch.equal(params[n], now[n]) for n in server.base_parameter_names())
+    # a client builds the very same model as the server (seeded adapters, head)
+    client = make_access(build_model(cfg, pretrained=False))
+    assert all(torch.equal(v, old[k]) for k, v in client.state_dict().items())
+    theirs = dict(client.model.named_parameters())
+    assert all(torch.equal(params[n], theirs[n]) for n in client.base_parameter_names())
 
 
 # --- 5. flags -----------------------------------------------------------------------------------------

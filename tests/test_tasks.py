@@ -290,3 +290,61 @@ def test_label_words_that_share_a_first_token_are_refused(models, tmp_path):
     cfg = run_cfg(models["olmoe"], path, text_column="body", label_column="topic")
     with pytest.raises(ConfigError, match="start with the same token"):
         build_model(cfg, pretrained=False)
+
+
+# --- Switch Transformers (encoder-decoder) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def switch_dir(tmp_path_factory, tokenizer):  # noqa: F811
+    import transformers
+
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=tokenizer.vocab_size, d_model=32, d_kv=16, d_ff=32, num_heads=2, num_layers=2,
+        num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4,
+        expert_capacity=64, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("switch") / "switch"
+    transformers.SwitchTransformersForConditionalGeneration(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_switch_as_lm_puts_decoder_logits_where_a_causal_lm_would(switch_dir, tmp_path):
+    from hfedmoe.task import Seq2SeqAsLM
+
+    cfg = run_cfg(switch_dir, write_instructions(tmp_path / "sft.jsonl"), task="causal-lm",
+                  text_column="instruction", response_column="output")
+    model = build_model(cfg, pretrained=False).eval()
+    assert isinstance(model, Seq2SeqAsLM)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    cont = torch.tensor([[0, 0, 0, 1, 1, 0]])  # context 5 6 7, continuation 8 9
+    with torch.no_grad():
+        got = model(ids, mask, continuation_mask=cont)
+        want = model.model(input_ids=torch.tensor([[5, 6, 7, 0, 0, 0]]),
+                           attention_mask=torch.tensor([[1, 1, 1, 0, 0, 0]]),
+                           decoder_input_ids=torch.tensor([[0, 8, 9, 0, 0, 0]]),
+                           decoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0, 0]])).logits
+    assert torch.allclose(got[0, 2], want[0, 0], atol=1e-5)  # predicts 8 (position 3) from position 2
+    assert torch.allclose(got[0, 3], want[0, 1], atol=1e-5)  # predicts 9
+    assert got[0, [0, 1, 4, 5]].abs().sum() == 0
+    # encoder layer routed the 3 context tokens, decoder layer the 3 decoder inputs
+    assert model.last_routing_mask.shape == (1, 6, 2)
+    assert model.last_routing_mask[0, :, 0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert model.last_routing_mask[0, :, 1].tolist() == [1, 1, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("task", ["classification", "multiple-choice", "causal-lm"])
+def test_switch_round(task, switch_dir, tmp_path):
+    if task == "classification":
+        cfg = run_cfg(switch_dir, write_data(tmp_path / "d.csv"), text_column="body", label_column="topic")
+        assert model_spec(cfg)["kind"] == "hf-seq2seq-label-words"
+    elif task == "multiple-choice":
+        cfg = run_cfg(switch_dir, write_choices(tmp_path / "mc.jsonl"), task=task, text_column="goal",
+                      choices_column="options", answer_column="letter")
+    else:
+        cfg = run_cfg(switch_dir, write_instructions(tmp_path / "sft.csv"), task=task,
+                      text_column="instruction", response_column="output")
+    metrics, changed, scores = _check_round(cfg, expert_keys_must_move=False)  # Switch: no virtual keys
+    assert any(".experts.expert_" in k for k in changed), "no Switch expert moved"
+    assert 0.0 <= scores["accuracy"] <= 1.0

@@ -14,7 +14,10 @@ The trainer and the evaluator only call :meth:`Objective.loss` and
 
 The loss also returns the token mask the MoE routing of this forward pass was
 recorded over ([rows, T]), which the expert scoring pools with: a multiple-choice
-batch of B examples is B*K rows of the language model.
+batch of B examples is B*K rows of the language model. An encoder-decoder wrapper
+(``hfedmoe.task.Seq2SeqAsLM``) routes the context through its encoder and the
+continuation through its decoder; it takes the continuation mask and reports its
+own per-layer routing mask ([rows, T, L]).
 """
 
 from __future__ import annotations
@@ -28,6 +31,23 @@ from torch.nn import functional as F
 IGNORE = -100  # label of a token outside the loss (prompt, padding)
 
 
+def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """Token logits [rows, T, V] aligned with ``ids`` (position j predicts token j+1).
+
+    ``continuation`` marks the tokens that are scored or trained; a model that
+    treats them differently from the context (an encoder-decoder) receives it.
+    """
+    if getattr(model, "splits_continuation", False):
+        return model(ids, mask, continuation_mask=continuation)
+    return model(ids, mask)
+
+
+def routing_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The token mask the last forward's routing was recorded over (the model's own, if it keeps one)."""
+    own = getattr(model, "last_routing_mask", None)
+    return own if own is not None else mask
+
+
 class Objective:
     """A task format's loss and test metrics."""
 
@@ -36,7 +56,7 @@ class Objective:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss of the batch, routing token mask [rows, T])."""
         logits = model(batch["input_ids"], batch["attention_mask"])
-        return F.cross_entropy(logits, batch["labels"]), batch["attention_mask"]
+        return F.cross_entropy(logits, batch["labels"]), routing_mask(model, batch["attention_mask"])
 
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -68,7 +88,7 @@ class MultipleChoice(Objective):
         """Tensor[B, K]: mean log-probability of each choice's tokens given what precedes them."""
         ids, mask, choice = batch["input_ids"], batch["attention_mask"], batch["choice_mask"]
         b, k, t = ids.shape
-        logits = model(ids.reshape(b * k, t), mask.reshape(b * k, t))  # [B*K, T, V]
+        logits = lm_logits(model, ids.reshape(b * k, t), mask.reshape(b * k, t), choice.reshape(b * k, t))
         # Position j's logits predict token j+1.
         targets = ids.reshape(b * k, t)[:, 1:]
         token_logp = -F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # [B*K, T-1]
@@ -79,7 +99,7 @@ class MultipleChoice(Objective):
     def loss(self, model, batch):
         scores = self.scores(model, batch)
         b, k, t = batch["input_ids"].shape
-        return F.cross_entropy(scores, batch["labels"]), batch["attention_mask"].reshape(b * k, t)
+        return F.cross_entropy(scores, batch["labels"]), routing_mask(model, batch["attention_mask"].reshape(b * k, t))
 
     @torch.no_grad()
     def eval_sums(self, model, batch):
@@ -102,7 +122,7 @@ class CausalLM(Objective):
 
     @staticmethod
     def _token_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = model(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
+        logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"] != IGNORE)
         targets = batch["labels"][:, 1:]
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
         counted = targets != IGNORE
@@ -110,7 +130,7 @@ class CausalLM(Objective):
 
     def loss(self, model, batch):
         losses, counted, _ = self._token_losses(model, batch)
-        return (losses * counted).sum() / counted.sum().clamp(min=1), batch["attention_mask"]
+        return (losses * counted).sum() / counted.sum().clamp(min=1), routing_mask(model, batch["attention_mask"])
 
     @torch.no_grad()
     def eval_sums(self, model, batch):

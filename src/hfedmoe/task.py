@@ -136,7 +136,7 @@ def model_spec(cfg: RunConfig) -> dict:
         spec = {"kind": f"hf-{head}", "base_path": str(resolve_model_path(cfg)), "task": cfg.task}
         if head == "sequence-classification":
             spec["num_labels"] = train.num_classes
-        if head == "label-words":
+        if head.endswith("label-words"):
             spec["label_token_ids"] = label_token_ids(cfg)
         return spec
     spec = UpcycledSpec(base_path=str(resolve_model_path(cfg)), num_labels=train.num_classes,
@@ -156,6 +156,7 @@ def hf_head(cfg: RunConfig) -> str:
     """
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
 
@@ -163,6 +164,13 @@ def hf_head(cfg: RunConfig) -> str:
     model_type = getattr(config, "model_type", "")
     has_lm = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     has_head = model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) and model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        # Switch Transformers: the context goes through the encoder, what is scored
+        # or trained (a label word, a choice, a response) through the decoder.
+        if cfg.classifier == "head":
+            raise ConfigError(f"--model {cfg.model!r} ({model_type}) is an encoder-decoder: it classifies with "
+                              "label words; drop --classifier head")
+        return "seq2seq" if cfg.task != "classification" else "seq2seq-label-words"
     if cfg.task != "classification" or cfg.classifier == "label-words":
         if not has_lm:
             what = f"--task {cfg.task}" if cfg.task != "classification" else "--classifier label-words"
@@ -251,7 +259,7 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
     Returns class logits (classification head or label words) or the LM's token
     logits (multiple-choice, causal-lm); see :func:`hf_head`.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     head = hf_head(cfg)
     config = _hf_config(cfg)
@@ -260,7 +268,8 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
     if getattr(config, "pad_token_id", None) is None:
         # Sequence classification pools the last non-pad token: it must know the pad id.
         config.pad_token_id = _tokenizer(str(resolve_model_path(cfg))).pad_token_id
-    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
+    auto = {"sequence-classification": AutoModelForSequenceClassification, "label-words": AutoModelForCausalLM,
+            "causal-lm": AutoModelForCausalLM}.get(head, AutoModelForSeq2SeqLM)
     path = resolve_model_path(cfg)
     torch.manual_seed(cfg.seed)  # the new classification head
     try:
@@ -275,6 +284,10 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
         return HFSequenceClassifier(model)
     if head == "label-words":
         return LabelWordsClassifier(model, label_token_ids(cfg))
+    if head == "seq2seq-label-words":
+        return Seq2SeqLabelWords(model, label_token_ids(cfg))
+    if head == "seq2seq":
+        return Seq2SeqAsLM(model)
     return HFCausalLM(model)
 
 
@@ -297,6 +310,90 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each row's last real token (left or right padding)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.bool() * (positions + 1)).argmax(dim=1)
+
+
+def _left_align(ids: torch.Tensor, keep: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each row's kept tokens to the front, in order: (ids, mask, source positions)."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    mask = keep.gather(1, order)
+    return torch.where(mask, ids.gather(1, order), pad_id), mask.long(), order
+
+
+def _layer_kinds(model: torch.nn.Module) -> list[bool]:
+    """Per sparse layer, in the access layer's order: True for a decoder layer."""
+    from hfedmoe.moe.hf_switch import find_switch_blocks
+
+    decoder = model.get_decoder()
+    in_decoder = {id(m) for m in decoder.modules()}
+    modules = dict(model.named_modules())
+    return [id(modules[block.name]) in in_decoder for block in find_switch_blocks(model)]
+
+
+class Seq2SeqAsLM(torch.nn.Module):
+    """An encoder-decoder seen as a language model over one sequence.
+
+    The batches of the multiple-choice and causal-lm tasks hold context and
+    continuation in one row; here the context (the row's tokens outside
+    ``continuation_mask``) is the encoder's input and the continuation is what the
+    decoder produces (teacher-forced). The decoder's logits are put back where a
+    causal LM's would be (the position before each continuation token), so the
+    objectives score both kinds of model alike.
+
+    Encoder and decoder layers route different tokens: ``last_routing_mask``
+    ([rows, T, L]) tells the expert scoring which positions are real in each layer.
+    """
+
+    splits_continuation = True
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self._decoder_layer = _layer_kinds(model)
+        self.last_routing_mask: torch.Tensor | None = None
+
+    def _run(self, ids, mask, continuation_mask, decoder_steps: int | None = None):
+        pad = self.model.config.pad_token_id or 0
+        start = self.model.config.decoder_start_token_id
+        start = pad if start is None else start
+        real = mask.bool()
+        cont = continuation_mask.bool() & real
+        enc_ids, enc_mask, _ = _left_align(ids, real & ~cont, pad)
+        dec_tokens, dec_mask, order = _left_align(ids, cont, pad)
+        ones = torch.ones_like(dec_mask[:, :1])
+        dec_in = torch.cat([torch.full_like(dec_tokens[:, :1], start), dec_tokens[:, :-1]], dim=1)
+        dec_in_mask = torch.cat([ones, dec_mask[:, :-1]], dim=1)
+        if decoder_steps is not None:  # classification: the decoder's first step only
+            dec_in_mask = torch.zeros_like(dec_in_mask)
+            dec_in_mask[:, :decoder_steps] = 1
+        out = self.model(input_ids=enc_ids, attention_mask=enc_mask, decoder_input_ids=dec_in,
+                         decoder_attention_mask=dec_in_mask).logits
+        layer_masks = [dec_in_mask if is_decoder else enc_mask for is_decoder in self._decoder_layer]
+        self.last_routing_mask = torch.stack(layer_masks, dim=2)
+        return out, dec_mask, order
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                continuation_mask: torch.Tensor) -> torch.Tensor:
+        out, dec_mask, order = self._run(input_ids, attention_mask, continuation_mask)
+        logits = torch.zeros_like(out)
+        rows, steps = torch.nonzero(dec_mask.bool(), as_tuple=True)
+        target = order[rows, steps] - 1  # a causal LM predicts token p at position p - 1
+        ok = target >= 0
+        return logits.index_put((rows[ok], target[ok]), out[rows[ok], steps[ok]])
+
+
+class Seq2SeqLabelWords(Seq2SeqAsLM):
+    """Classify with an encoder-decoder: the text through the encoder, the logits of
+    each label's first token at the decoder's first step."""
+
+    splits_continuation = False
+
+    def __init__(self, model: torch.nn.Module, label_token_ids: list[int]):
+        super().__init__(model)
+        self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out, _, _ = self._run(input_ids, attention_mask, torch.zeros_like(attention_mask), decoder_steps=1)
+        return out[:, 0, self.label_token_ids]
 
 
 class LabelWordsClassifier(torch.nn.Module):

@@ -177,7 +177,7 @@ def train_local(
 
             t_select = time.perf_counter()
             gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
-            real_tokens = mask.bool()[:, :, None, None]
+            real_tokens = mask.bool()[..., None] if mask.dim() == 3 else mask.bool()[:, :, None, None]
             candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
             s_b = core.importance(gates, lam=cfg.lam)
             i_b = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta)

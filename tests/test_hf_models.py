@@ -112,10 +112,17 @@ def test_other_file_formats_load_the_same_data(suffix, tmp_path, tokenizer):
     assert csv.label_names == ["business", "entertainment", "tech"]
 
 
-def test_olmoe_has_no_classification_head_and_says_so(tmp_path, tokenizer):
+def test_olmoe_without_a_classification_head_falls_back_to_label_words(tmp_path, tokenizer):
+    # transformers has no OlmoeForSequenceClassification: classification reads the
+    # LM's logits of the label words instead (tests/test_tasks.py runs its round).
+    from hfedmoe.task import hf_head
+
     model_dir = save_family("olmoe", tmp_path / "olmoe", tokenizer)
     cfg = RunConfig(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",
                     label_column="topic", clients=2)
+    assert hf_head(cfg) == "label-words"
+    assert moe_shape(cfg) == (len(FAMILIES["olmoe"].moe_layers), FAMILIES["olmoe"].num_experts)
+    cfg.classifier = "head"
     with pytest.raises(ConfigError, match="no sequence-classification head"):
         moe_shape(cfg)
 

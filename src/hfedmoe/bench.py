@@ -91,7 +91,7 @@ def bare_arm(cfg: RunConfig) -> dict:
         new_state.pop("__alpha__")
         state = new_state
         server.load_state_dict(state, strict=True)
-        accuracies.append(evaluate(server_model, test)["accuracy"])
+        accuracies.append(evaluate(server_model, test, task=cfg.task)["accuracy"])
         round_s.append(time.perf_counter() - start)
     return {"round_s": round_s, "accuracy": accuracies}
 

@@ -46,9 +46,19 @@ _HELP = {
     "out": "run directory (default runs/<timestamp>)",
     "model": f"model: {EMBEDDED_MODEL!r} (default), a Hugging Face MoE checkpoint (local directory or hub id: "
              "Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, ...) or a BERT-style encoder to upcycle",
-    "dataset": f"dataset: {EMBEDDED_DATASET!r} (default, embedded) or a local .csv/.jsonl/.parquet file",
-    "text_column": "text column of --dataset FILE",
-    "label_column": "label column of --dataset FILE (labels are discovered from the data)",
+    "dataset": f"dataset: {EMBEDDED_DATASET!r} (default, embedded), a local .csv/.jsonl/.parquet file, or a "
+               "hub id when online (ag_news, piqa, hellaswag, cais/mmlu map their own fields)",
+    "task": "classification, multiple-choice (highest length-normalised log-likelihood) or causal-lm "
+            "(instruction SFT, loss on response tokens; reports perplexity)",
+    "classifier": "classification on a MoE checkpoint: head (new linear head), label-words (the LM's logits "
+                  "of each label's first token), auto (head when transformers has one for the family)",
+    "text_column": "text column of --dataset FILE (the question for multiple-choice, the prompt for causal-lm)",
+    "label_column": "label column of --dataset FILE (labels are discovered from the data; for causal-lm an "
+                    "optional category that drives the non-IID split)",
+    "choices_column": "multiple-choice: the column holding each example's list of choices, or several "
+                      "columns, e.g. sol1,sol2",
+    "answer_column": "multiple-choice: the right choice as a 0-based index, a letter (A, B, ...) or its text",
+    "response_column": "causal-lm: the response column (the loss covers its tokens only)",
     "method": f"federated method: {', '.join(METHODS)} (docs/baselines.md)",
     "num_experts": "experts per MoE layer when upcycling",
     "top_k": "experts per token",

@@ -16,6 +16,9 @@ METHODS = ("hfedmoe", "fedavg-full", "fedavg", "pfl-moe", "fedmoe", "seer-moe", 
 AGGREGATIONS = ("hfedmoe", "fedavg")  # --expert-agg / --gate-agg (HFedMoE ablations, Fig. 16)
 POOLINGS = ("mean", "max")
 SELECT_BY = ("ib", "importance")
+# Task formats (hfedmoe.objectives): what a batch's loss and the test metrics are.
+TASKS = ("classification", "multiple-choice", "causal-lm")
+CLASSIFIERS = ("auto", "head", "label-words")  # classification on a MoE checkpoint: new head or label words
 EMBEDDED_MODEL = "embedded-minilm-moe"
 EMBEDDED_DATASET = "bbc-news"
 
@@ -53,8 +56,13 @@ class RunConfig:
     out: str | None = None
     model: str = EMBEDDED_MODEL
     dataset: str = EMBEDDED_DATASET
-    text_column: str = "text"  # for --dataset FILE
-    label_column: str = "label"
+    task: str = "classification"  # classification | multiple-choice | causal-lm
+    classifier: str = "auto"  # classification on a checkpoint: "head" (new linear head), "label-words", auto
+    text_column: str = "text"  # for --dataset FILE: the text, question (multiple-choice) or prompt (causal-lm)
+    label_column: str = "label"  # the class (classification); an optional grouping for causal-lm's split
+    choices_column: str = "choices"  # multiple-choice: one list column, or several columns "sol1,sol2"
+    answer_column: str = "answer"  # multiple-choice: index, letter or text of the right choice
+    response_column: str = "response"  # causal-lm: the response trained on (loss on its tokens only)
     method: str = "hfedmoe"
     num_experts: int = 8
     top_k: int = 2
@@ -108,6 +116,17 @@ class RunConfig:
             raise ConfigError(f"--top-k {self.top_k} exceeds --num-experts {self.num_experts}")
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not available; choose one of {', '.join(METHODS)}")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.classifier not in CLASSIFIERS:
+            raise ConfigError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
+        if self.task != "classification" and self.model == EMBEDDED_MODEL:
+            raise ConfigError(f"--task {self.task} scores text with a language-model head; the embedded MiniLM "
+                              "is an encoder without one: pass a MoE causal LM with --model (e.g. a Mixtral, "
+                              "Qwen-MoE, OLMoE or DeepSeek checkpoint)")
+        if self.task != "classification" and self.dataset == EMBEDDED_DATASET:
+            raise ConfigError(f"--task {self.task} needs a dataset in that format: pass --dataset FILE "
+                              "(csv/jsonl/parquet) or a hub id such as piqa, hellaswag or cais/mmlu")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.select_by not in SELECT_BY:

@@ -48,7 +48,8 @@ class RichReporter:
             ) + "[/red]"
         self.console.print(
             f"round {row['round']:>3}  accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
-            f"{row['wall_s']:7.1f}s{extra}{failed}"
+            + (f"perplexity {row['perplexity']:.2f}  " if "perplexity" in row else "")
+            + f"{row['wall_s']:7.1f}s{extra}{failed}"
         )
         if self.task is not None and row["round"] > 0:
             self.progress.update(self.task, completed=row["round"])

@@ -19,13 +19,16 @@ from hfedmoe.config import EMBEDDED_DATASET, EMBEDDED_MODEL, ConfigError, RunCon
 from hfedmoe.data import (
     TensorBatches,
     TextDataset,
+    encode_choices,
+    encode_instructions,
     load_bbc_news,
     load_tokenizer,
     partition_dirichlet,
+    partition_iid,
     tokenize_texts,
     train_test_split,
 )
-from hfedmoe.data.files import load_text_file
+from hfedmoe.data.files import FORMATS, read_table
 from hfedmoe.moe.upcycle import UpcycledSpec, build_upcycled_classifier, embedded_model_path
 
 
@@ -62,35 +65,66 @@ def _hf_config(cfg: RunConfig):
             from None
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a run's examples come from and how their columns map onto its task."""
+
+    dataset: str
+    task: str = "classification"
+    text_column: str = "text"
+    label_column: str = "label"
+    choices_column: str = "choices"
+    answer_column: str = "answer"
+    response_column: str = "response"
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "DataSpec":
+        return cls(cfg.dataset, cfg.task, cfg.text_column, cfg.label_column, cfg.choices_column,
+                   cfg.answer_column, cfg.response_column)
+
+
+def load_examples(spec: DataSpec) -> TextDataset:
+    """All examples of the run's dataset, in ``spec.task``'s format (not yet split)."""
+    from hfedmoe.data.hub import HubDataset, load_hub_dataset, table_to_dataset
+
+    if spec.dataset == EMBEDDED_DATASET:
+        return load_bbc_news()
+    path = Path(spec.dataset).expanduser()
+    try:
+        if path.suffix.lower() in FORMATS:
+            table = read_table(path)
+            columns = HubDataset(spec.task, text=spec.text_column, label=spec.label_column,
+                                 choices=spec.choices_column, answer=spec.answer_column,
+                                 response=spec.response_column)
+            return table_to_dataset(table, str(path), columns)
+        if path.exists() or spec.dataset.startswith((".", "/", "~")):
+            raise ValueError(f"--dataset {spec.dataset!r} is not a .csv / .jsonl / .parquet file")
+        return load_hub_dataset(spec.dataset, spec.task, spec.text_column, spec.label_column, spec.choices_column,
+                                spec.answer_column, spec.response_column)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 @functools.lru_cache(maxsize=4)
-def load_dataset_split(
-    dataset: str, test_fraction: float, seed: int, text_column: str = "text", label_column: str = "label"
-) -> tuple[TextDataset, TextDataset]:
+def load_dataset_split(spec: DataSpec | str, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
     """Train/test split of the run's dataset (fixed seed, stratified, duplicates dropped)."""
-    if dataset == EMBEDDED_DATASET:
-        data = load_bbc_news()
-    elif Path(dataset).expanduser().suffix.lower() in (".csv", ".jsonl", ".json", ".parquet"):
-        try:
-            data = load_text_file(dataset, text_column, label_column)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    else:
-        raise ConfigError(
-            f"--dataset {dataset!r} is not available: use {EMBEDDED_DATASET!r} (embedded BBC News) or a local "
-            ".csv / .jsonl / .parquet file with --text-column and --label-column"
-        )
-    return train_test_split(deduplicate(data), test_fraction=test_fraction, seed=seed)
+    spec = DataSpec(spec) if isinstance(spec, str) else spec
+    data = deduplicate(load_examples(spec))
+    try:
+        return train_test_split(data, test_fraction=test_fraction, seed=seed)
+    except ValueError as err:
+        raise ConfigError(f"--dataset {spec.dataset}: {err}") from None
 
 
 def _split(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
-    return load_dataset_split(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.text_column, cfg.label_column)
+    return load_dataset_split(DataSpec.of(cfg), cfg.test_fraction, cfg.seed)
 
 
 def deduplicate(dataset: TextDataset) -> TextDataset:
     """Drop exact duplicate texts (first kept): BBC News holds 98 repeated articles,
     which would otherwise land on both sides of the split and inflate accuracy."""
-    seen: set[str] = set()
-    keep = [i for i, text in enumerate(dataset.texts) if not (text in seen or seen.add(text))]
+    seen: set[tuple] = set()
+    keep = [i for i in range(len(dataset)) if not ((key := dataset.key(i)) in seen or seen.add(key))]
     return dataset.subset(keep)
 
 
@@ -98,8 +132,12 @@ def model_spec(cfg: RunConfig) -> dict:
     """What is needed to rebuild the model (written next to the final weights)."""
     train, _ = _split(cfg)
     if model_kind(cfg) == "hf":
-        spec = {"kind": "hf-sequence-classification", "base_path": str(resolve_model_path(cfg)),
-                "num_labels": train.num_classes}
+        head = hf_head(cfg)
+        spec = {"kind": f"hf-{head}", "base_path": str(resolve_model_path(cfg)), "task": cfg.task}
+        if head == "sequence-classification":
+            spec["num_labels"] = train.num_classes
+        if head.endswith("label-words"):
+            spec["label_token_ids"] = label_token_ids(cfg)
         if cfg.lora_rank:  # the saved state holds adapters, routers and head only
             spec["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha_value(),
                             "targets": cfg.lora_target_names(), "seed": cfg.seed}
@@ -107,6 +145,71 @@ def model_spec(cfg: RunConfig) -> dict:
     spec = UpcycledSpec(base_path=str(resolve_model_path(cfg)), num_labels=train.num_classes,
                         num_experts=cfg.num_experts, top_k=cfg.top_k)
     return {"kind": "upcycled", **spec.to_dict()}
+
+
+def hf_head(cfg: RunConfig) -> str:
+    """How a MoE checkpoint meets the run's task.
+
+    "sequence-classification": transformers' classification class (a new linear
+    head on the last token); "label-words": the causal LM's own logits of each
+    label's first token (families without a classification class, e.g. OLMoE, or
+    ``--classifier label-words``); "causal-lm": the LM head itself (multiple-choice
+    and causal-lm tasks). Decided from the config's model type and transformers'
+    auto-class tables, not from a list of model names.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    config = _hf_config(cfg)
+    model_type = getattr(config, "model_type", "")
+    has_lm = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    has_head = model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) and model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        # Switch Transformers: the context goes through the encoder, what is scored
+        # or trained (a label word, a choice, a response) through the decoder.
+        if cfg.classifier == "head":
+            raise ConfigError(f"--model {cfg.model!r} ({model_type}) is an encoder-decoder: it classifies with "
+                              "label words; drop --classifier head")
+        return "seq2seq" if cfg.task != "classification" else "seq2seq-label-words"
+    if cfg.task != "classification" or cfg.classifier == "label-words":
+        if not has_lm:
+            what = f"--task {cfg.task}" if cfg.task != "classification" else "--classifier label-words"
+            raise ConfigError(f"--model {cfg.model!r} ({model_type}) has no causal-LM class in transformers, "
+                              f"which {what} scores text with; use a decoder-only MoE (Mixtral, Qwen-MoE, OLMoE, "
+                              "DeepSeek) or --task classification --classifier head")
+        return "causal-lm" if cfg.task != "classification" else "label-words"
+    if has_head:
+        return "sequence-classification"
+    if cfg.classifier == "head" or not has_lm:
+        raise ConfigError(f"--model {cfg.model!r} ({model_type}) has no sequence-classification head in "
+                          "transformers" + ("; use --classifier label-words (the LM's logits of each label's "
+                                            "first token)" if has_lm else ""))
+    return "label-words"
+
+
+def label_token_ids(cfg: RunConfig) -> list[int]:
+    """First token of " <label name>" per class: the logits a label-words classifier reads.
+
+    Two labels starting with the same token could not be told apart: that is an
+    error naming them (rename the labels in the data).
+    """
+    tokenizer = _tokenizer(str(resolve_model_path(cfg)))
+    names = label_names(cfg)
+    ids = []
+    for name in names:
+        tokens = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ConfigError(f"label {name!r} encodes to no token; rename it in --label-column")
+        ids.append(int(tokens[0]))
+    clash = {i for i in ids if ids.count(i) > 1}
+    if clash:
+        same = [n for n, i in zip(names, ids) if i in clash]
+        raise ConfigError(f"labels {same} start with the same token, so label words cannot tell them apart: "
+                          "rename them in the data, or use --classifier head")
+    return ids
 
 
 def label_names(cfg: RunConfig) -> list[str]:
@@ -176,27 +279,42 @@ def _access_or_error(cfg: RunConfig, model):
         raise ConfigError(f"--model {cfg.model!r}: {err}") from None
 
 
-def _hf_classifier(cfg: RunConfig, pretrained: bool) -> "HFSequenceClassifier":
-    """A MoE checkpoint with a sequence-classification head, behind one forward signature."""
-    from transformers import AutoModelForSequenceClassification
+def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
+    """A MoE checkpoint behind one forward signature, ``forward(input_ids, attention_mask)``.
 
+    Returns class logits (classification head or label words) or the LM's token
+    logits (multiple-choice, causal-lm); see :func:`hf_head`.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    head = hf_head(cfg)
     config = _hf_config(cfg)
-    config.num_labels = _split(cfg)[0].num_classes
+    if head == "sequence-classification":
+        config.num_labels = _split(cfg)[0].num_classes
     if getattr(config, "pad_token_id", None) is None:
         # Sequence classification pools the last non-pad token: it must know the pad id.
         config.pad_token_id = _tokenizer(str(resolve_model_path(cfg))).pad_token_id
+    auto = {"sequence-classification": AutoModelForSequenceClassification, "label-words": AutoModelForCausalLM,
+            "causal-lm": AutoModelForCausalLM}.get(head, AutoModelForSeq2SeqLM)
     path = resolve_model_path(cfg)
     torch.manual_seed(cfg.seed)  # the new classification head
     try:
         if pretrained:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, local_files_only=path.is_dir())
+            model = auto.from_pretrained(path, config=config, local_files_only=path.is_dir())
         else:
-            model = AutoModelForSequenceClassification.from_config(config)
-    except ValueError as err:  # e.g. OLMoE has no sequence-classification class
-        raise ConfigError(f"--model {cfg.model!r} ({config.model_type}) has no sequence-classification head in "
-                          f"transformers: {str(err).splitlines()[0][:160]}") from None
-    return HFSequenceClassifier(model)
+            model = auto.from_config(config)
+    except ValueError as err:
+        raise ConfigError(f"--model {cfg.model!r} ({config.model_type}): transformers cannot build it as "
+                          f"{auto.__name__}: {str(err).splitlines()[0][:160]}") from None
+    if head == "sequence-classification":
+        return HFSequenceClassifier(model)
+    if head == "label-words":
+        return LabelWordsClassifier(model, label_token_ids(cfg))
+    if head == "seq2seq-label-words":
+        return Seq2SeqLabelWords(model, label_token_ids(cfg))
+    if head == "seq2seq":
+        return Seq2SeqAsLM(model)
+    return HFCausalLM(model)
 
 
 class HFSequenceClassifier(torch.nn.Module):
@@ -208,6 +326,121 @@ class HFSequenceClassifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class HFCausalLM(HFSequenceClassifier):
+    """``forward(input_ids, attention_mask) -> token logits [B, T, V]`` of a causal LM."""
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each row's last real token (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * (positions + 1)).argmax(dim=1)
+
+
+def _left_align(ids: torch.Tensor, keep: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each row's kept tokens to the front, in order: (ids, mask, source positions)."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    mask = keep.gather(1, order)
+    return torch.where(mask, ids.gather(1, order), pad_id), mask.long(), order
+
+
+def _layer_kinds(model: torch.nn.Module) -> list[bool]:
+    """Per sparse layer, in the access layer's order: True for a decoder layer."""
+    from hfedmoe.moe.hf_switch import find_switch_blocks
+
+    decoder = model.get_decoder()
+    in_decoder = {id(m) for m in decoder.modules()}
+    modules = dict(model.named_modules())
+    return [id(modules[block.name]) in in_decoder for block in find_switch_blocks(model)]
+
+
+class Seq2SeqAsLM(torch.nn.Module):
+    """An encoder-decoder seen as a language model over one sequence.
+
+    The batches of the multiple-choice and causal-lm tasks hold context and
+    continuation in one row; here the context (the row's tokens outside
+    ``continuation_mask``) is the encoder's input and the continuation is what the
+    decoder produces (teacher-forced). The decoder's logits are put back where a
+    causal LM's would be (the position before each continuation token), so the
+    objectives score both kinds of model alike.
+
+    Encoder and decoder layers route different tokens: ``last_routing_mask``
+    ([rows, T, L]) tells the expert scoring which positions are real in each layer.
+    """
+
+    splits_continuation = True
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self._decoder_layer = _layer_kinds(model)
+        self.last_routing_mask: torch.Tensor | None = None
+
+    def _run(self, ids, mask, continuation_mask, decoder_steps: int | None = None):
+        pad = self.model.config.pad_token_id or 0
+        start = self.model.config.decoder_start_token_id
+        start = pad if start is None else start
+        real = mask.bool()
+        cont = continuation_mask.bool() & real
+        enc_ids, enc_mask, _ = _left_align(ids, real & ~cont, pad)
+        dec_tokens, dec_mask, order = _left_align(ids, cont, pad)
+        ones = torch.ones_like(dec_mask[:, :1])
+        dec_in = torch.cat([torch.full_like(dec_tokens[:, :1], start), dec_tokens[:, :-1]], dim=1)
+        dec_in_mask = torch.cat([ones, dec_mask[:, :-1]], dim=1)
+        if decoder_steps is not None:  # classification: the decoder's first step only
+            dec_in_mask = torch.zeros_like(dec_in_mask)
+            dec_in_mask[:, :decoder_steps] = 1
+        out = self.model(input_ids=enc_ids, attention_mask=enc_mask, decoder_input_ids=dec_in,
+                         decoder_attention_mask=dec_in_mask).logits
+        layer_masks = [dec_in_mask if is_decoder else enc_mask for is_decoder in self._decoder_layer]
+        self.last_routing_mask = torch.stack(layer_masks, dim=2)
+        return out, dec_mask, order
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                continuation_mask: torch.Tensor) -> torch.Tensor:
+        out, dec_mask, order = self._run(input_ids, attention_mask, continuation_mask)
+        logits = torch.zeros_like(out)
+        rows, steps = torch.nonzero(dec_mask.bool(), as_tuple=True)
+        target = order[rows, steps] - 1  # a causal LM predicts token p at position p - 1
+        ok = target >= 0
+        return logits.index_put((rows[ok], target[ok]), out[rows[ok], steps[ok]])
+
+
+class Seq2SeqLabelWords(Seq2SeqAsLM):
+    """Classify with an encoder-decoder: the text through the encoder, the logits of
+    each label's first token at the decoder's first step."""
+
+    splits_continuation = False
+
+    def __init__(self, model: torch.nn.Module, label_token_ids: list[int]):
+        super().__init__(model)
+        self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out, _, _ = self._run(input_ids, attention_mask, torch.zeros_like(attention_mask), decoder_steps=1)
+        return out[:, 0, self.label_token_ids]
+
+
+class LabelWordsClassifier(torch.nn.Module):
+    """Classify with a causal LM: the logits of each label's first token after the text.
+
+    Only the label tokens' rows of the LM head are evaluated, at the last real
+    token of each row, so no [B, T, V] logits are built.
+    """
+
+    def __init__(self, model: torch.nn.Module, label_token_ids: list[int]):
+        super().__init__()
+        self.model = model
+        # Not state: the ids follow from the tokenizer and the labels, rebuilt identically everywhere.
+        self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = hidden[torch.arange(len(hidden)), last_token_index(attention_mask)]  # [B, H]
+        head = self.model.get_output_embeddings()
+        bias = None if getattr(head, "bias", None) is None else head.bias[self.label_token_ids]
+        return torch.nn.functional.linear(last, head.weight[self.label_token_ids], bias)
 
 
 def build_model(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
@@ -274,6 +507,11 @@ class ClientData:
 
 def client_partitions(cfg: RunConfig) -> list[list[int]]:
     train, _ = _split(cfg)
+    if train.num_classes == 1:  # causal-lm without a category column: nothing to skew by
+        if len(train) < cfg.clients:
+            raise ConfigError(f"{len(train)} training examples cannot fill {cfg.clients} clients: "
+                              "lower --clients or add data")
+        return partition_iid(len(train), cfg.clients, seed=cfg.seed)
     return _partitions(tuple(train.labels), cfg.clients, cfg.alpha, cfg.seed)
 
 
@@ -282,25 +520,41 @@ def _partitions(labels: tuple[int, ...], clients: int, alpha: float, seed: int) 
     return partition_dirichlet(list(labels), num_partitions=clients, alpha=alpha, seed=seed)
 
 
+def encode(cfg: RunConfig, data: TextDataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Tensors of ``data`` in the run's task format: (inputs, labels)."""
+    if data.task != cfg.task:
+        raise ConfigError(f"--dataset {cfg.dataset} holds {data.task} data but --task is {cfg.task}")
+    tokenizer = _tokenizer(str(resolve_model_path(cfg)))
+    if cfg.task == "multiple-choice":
+        return encode_choices(tokenizer, data.texts, data.choices, max_length=cfg.max_length), \
+            torch.tensor(data.labels)
+    if cfg.task == "causal-lm":
+        enc = encode_instructions(tokenizer, data.texts, data.responses, max_length=cfg.max_length)
+        return {k: v for k, v in enc.items() if k != "labels"}, enc["labels"]
+    return tokenize_texts(tokenizer, data.texts, max_length=cfg.max_length), torch.tensor(data.labels)
+
+
+def _batches(cfg: RunConfig, data: TextDataset, batch_size: int, shuffle: bool, seed: int = 0) -> TensorBatches:
+    inputs, labels = encode(cfg, data)
+    extras = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    return TensorBatches(inputs["input_ids"], inputs["attention_mask"], labels, batch_size, shuffle=shuffle,
+                         seed=seed, extras=extras)
+
+
 def load_client_data(cfg: RunConfig, partition_id: int) -> ClientData:
     """Tokenized training partition ``partition_id`` of ``cfg.clients``."""
     if not 0 <= partition_id < cfg.clients:
         raise ConfigError(f"partition id {partition_id} is outside 0..{cfg.clients - 1}")
     train, _ = _split(cfg)
     part = train.subset(client_partitions(cfg)[partition_id])
-    enc = tokenize_texts(_tokenizer(str(resolve_model_path(cfg))), part.texts, max_length=cfg.max_length)
-    batches = TensorBatches(
-        enc["input_ids"], enc["attention_mask"], part.labels, cfg.batch_size, shuffle=True,
-        seed=cfg.seed * 1000 + partition_id,
-    )
+    batches = _batches(cfg, part, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + partition_id)
     return ClientData(partition_id, batches, part.label_counts())
 
 
 def load_test_batches(cfg: RunConfig) -> TensorBatches:
     """The held-out test set, in fixed order."""
     _, test = _split(cfg)
-    enc = tokenize_texts(_tokenizer(str(resolve_model_path(cfg))), test.texts, max_length=cfg.max_length)
-    return TensorBatches(enc["input_ids"], enc["attention_mask"], test.labels, cfg.eval_batch_size, shuffle=False)
+    return _batches(cfg, test, cfg.eval_batch_size, shuffle=False)
 
 
 def endless(batches: TensorBatches):

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from hfedmoe import core
 from hfedmoe.moe.access import MoEAccess, make_access
+from hfedmoe.objectives import objective_for
 from hfedmoe.resources import PeakMemory, weight_bytes
 
 
@@ -45,6 +45,7 @@ class LocalTrainConfig:
     aux_loss_coef: float = 0.01
     deferred_backward: bool = True  # constrained clients: backward only through selected experts
     time_budget_s: float | None = None  # compute budget: stop the local round after this long (>= 1 step)
+    task: str = "classification"  # the batch loss (hfedmoe.objectives)
 
 
 @dataclass
@@ -121,8 +122,9 @@ def train_local(
     model : nn.Module
         The global model loaded into this client; trained in place.
     batches : iterator of dict
-        Yields {"input_ids", "attention_mask", "labels"}; must not run out before
-        ``cfg.local_steps`` batches (use an endless iterator).
+        Yields {"input_ids", "attention_mask", "labels", ...} in ``cfg.task``'s
+        format (hfedmoe.objectives); must not run out before ``cfg.local_steps``
+        batches (use an endless iterator).
     expert_budget : int
         C_budget: the most experts trained per mini-batch, summed over layers.
     cfg : LocalTrainConfig
@@ -144,6 +146,7 @@ def train_local(
             f"the minimum budget is {access.num_layers}"
         )
     policy = policy or hfedmoe_policy(cfg.select_by)
+    objective = objective_for(cfg.task)
     optimizer = make_optimizer(model, access, cfg)
     # A client that can train every expert keeps plain autograd; a constrained one
     # skips the unselected experts' backward and activation memory entirely.
@@ -154,7 +157,7 @@ def train_local(
     gate_sums = torch.zeros(shape, dtype=torch.float64)
     importance_sum = torch.zeros(shape, dtype=torch.float64)
     selection_counts = torch.zeros(shape, dtype=torch.long)
-    loss_sum, num_samples = 0.0, 0
+    loss_sum, num_samples, routed_rows = 0.0, 0, 0
     select_s = 0.0
     step_times: list[float] = []
     start = time.perf_counter()
@@ -164,9 +167,9 @@ def train_local(
                 break  # compute budget spent: the round ends early, with what it trained
             t_step = time.perf_counter()
             batch = next(batches)
-            mask = batch["attention_mask"]
-            logits = model(batch["input_ids"], mask)
-            loss = F.cross_entropy(logits, batch["labels"])
+            # mask: the [rows, T] tokens the routing was recorded over (a
+            # multiple-choice example is K rows, one per choice).
+            loss, mask = objective.loss(model, batch)
             aux = access.aux_loss() if cfg.aux_loss_coef else None
             total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
             if extra_loss is not None:
@@ -174,7 +177,7 @@ def train_local(
 
             t_select = time.perf_counter()
             gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
-            real_tokens = mask.bool()[:, :, None, None]
+            real_tokens = mask.bool()[..., None] if mask.dim() == 3 else mask.bool()[:, :, None, None]
             candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
             s_b = core.importance(gates, lam=cfg.lam)
             i_b = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta)
@@ -197,8 +200,10 @@ def train_local(
             gate_sums += gates.sum(dim=0).double()
             importance_sum += s_b.double()
             selection_counts += selected.long()
-            loss_sum += loss.item() * len(mask)
-            num_samples += len(mask)
+            examples = len(batch["input_ids"])
+            loss_sum += loss.item() * examples
+            num_samples += examples
+            routed_rows += len(mask)
             step_times.append(time.perf_counter() - t_step)
     access.enable_deferred_backward(False)
     steps = len(step_times)
@@ -206,7 +211,7 @@ def train_local(
         num_samples=num_samples,
         steps=steps,
         train_loss=loss_sum / max(num_samples, 1),
-        usage=core.expert_usage(gate_sums, num_samples).float(),
+        usage=core.expert_usage(gate_sums, routed_rows).float(),
         importance=(importance_sum / steps).float(),
         trained=selection_counts > 0,
         selection_counts=selection_counts,
@@ -220,20 +225,25 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, max_batches: int | None = None) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` over ``batches``."""
+def evaluate(model: nn.Module, batches, max_batches: int | None = None, task: str = "classification") -> dict:
+    """Test metrics of ``model`` over ``batches``: accuracy and mean loss (plus
+    perplexity for causal-lm; see hfedmoe.objectives)."""
+    objective = objective_for(task)
     model.eval()
-    correct, loss_sum, n = 0, 0.0, 0
+    sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
+    examples = 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
-        n += len(batch["labels"])
-    if n == 0:
+        for key, value in objective.eval_sums(model, batch).items():
+            sums[key] += value
+        examples += len(batch["input_ids"])
+    if examples == 0:
         raise ValueError("evaluation received no batches: the test set is empty")
-    return {"accuracy": correct / n, "loss": loss_sum / n, "num_examples": n}
+    if sums["count"] == 0:
+        raise ValueError("evaluation found nothing to score (no response tokens survived truncation): "
+                         "raise --max-length")
+    return objective.metrics(sums, examples)
 
 
 def set_torch_threads() -> None:

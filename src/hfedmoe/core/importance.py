@@ -35,8 +35,10 @@ def pool_token_scores(
     ----------
     token_scores : Tensor[B, T, L, S]
         Router probability of every token for every expert of every MoE layer.
-    attention_mask : Tensor[B, T], optional
+    attention_mask : Tensor[B, T] or Tensor[B, T, L], optional
         1 (or True) for real tokens, 0 (or False) for padding. None means no padding.
+        A per-layer mask [B, T, L] serves encoder-decoder models, whose encoder
+        and decoder layers route different token sequences (padded to one T).
     mode : {"mean", "max"}
         Mean (project default) or max over the non-padding tokens.
 
@@ -58,26 +60,29 @@ def pool_token_scores(
     if attention_mask is None:
         mask = torch.ones(B, T, dtype=torch.bool, device=token_scores.device)
     else:
-        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, T):
+        L = token_scores.shape[2]
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) not in ((B, T), (B, T, L)):
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else None
             raise ValueError(
-                f"attention_mask must be a tensor of shape [B, T] = {(B, T)} matching "
-                f"token_scores, got {shape}"
+                f"attention_mask must be a tensor of shape [B, T] = {(B, T)} (or [B, T, L] = {(B, T, L)}) "
+                f"matching token_scores, got {shape}"
             )
         if not ((attention_mask == 0) | (attention_mask == 1)).all():
             raise ValueError("attention_mask must hold only 0/1 (or bool) values")
         mask = attention_mask.to(device=token_scores.device, dtype=torch.bool)
-    counts = mask.sum(dim=1)
+    if mask.dim() == 2:
+        mask = mask[:, :, None]  # one mask for every layer
+    counts = mask.sum(dim=1)  # [B, L] (or [B, 1])
     if (counts == 0).any():
-        empty = torch.nonzero(counts == 0).flatten().tolist()
+        empty = sorted(set(torch.nonzero(counts == 0)[:, 0].tolist()))
         raise ValueError(
             f"samples {empty} have no non-padding token; drop them or fix attention_mask"
         )
-    keep = mask[:, :, None, None]
+    keep = mask[:, :, :, None]
     # torch.where (not multiplication) so NaN/inf garbage in padding cannot leak through.
     if mode == "mean":
         summed = torch.where(keep, token_scores, 0.0).sum(dim=1)
-        return summed / counts.to(token_scores.dtype)[:, None, None]
+        return summed / counts.to(token_scores.dtype)[:, :, None]
     return torch.where(keep, token_scores, float("-inf")).amax(dim=1)
 
 

@@ -11,6 +11,8 @@ from hfedmoe.data.partition import partition_dirichlet, partition_iid, train_tes
 from hfedmoe.data.tokenize import (
     TensorBatches,
     embedded_tokenizer_path,
+    encode_choices,
+    encode_instructions,
     load_tokenizer,
     tokenize_texts,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "TextDataset",
     "bbc_data_dir",
     "embedded_tokenizer_path",
+    "encode_choices",
+    "encode_instructions",
     "load_bbc_news",
     "load_tokenizer",
     "partition_dirichlet",

@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # transformers is slow to import; only needed when loading.
 __all__ = [
     "TensorBatches",
     "embedded_tokenizer_path",
+    "encode_choices",
+    "encode_instructions",
     "load_tokenizer",
     "tokenize_texts",
 ]
@@ -131,6 +133,82 @@ def tokenize_texts(
     }
 
 
+
+def _join_tokens(tokenizer, context: str, continuation: str, max_length: int,
+                 end_token: bool) -> tuple[list[int], int]:
+    """Token ids of ``context`` followed by ``continuation``; returns (ids, continuation's length).
+
+    The continuation is what gets scored or trained, so it is kept whole when it
+    fits (up to half of ``max_length`` when the context is long); the context is
+    cut from the left, keeping its end, which is what the continuation follows.
+    """
+    head = tokenizer(context, add_special_tokens=True)["input_ids"]
+    # A tokenizer that appends an end marker (BERT's [SEP]) would put it between
+    # context and continuation; drop it there.
+    if head and tokenizer.sep_token_id is not None and head[-1] == tokenizer.sep_token_id:
+        head = head[:-1]
+    tail = tokenizer(" " + continuation.strip(), add_special_tokens=False)["input_ids"]
+    if end_token and tokenizer.eos_token_id is not None:
+        tail = tail + [tokenizer.eos_token_id]
+    keep_tail = min(len(tail), max(max_length // 2, max_length - len(head)))
+    keep_head = max_length - keep_tail
+    tail = tail[:keep_tail]
+    head = head[-keep_head:] if keep_head > 0 else []
+    return head + tail, len(tail)
+
+
+def _pad(rows: list[list[int]], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def encode_choices(tokenizer, questions: Sequence[str], choices: Sequence[Sequence[str]],
+                   max_length: int = 64) -> dict[str, torch.Tensor]:
+    """Multiple-choice examples -> ``input_ids``, ``attention_mask``, ``choice_mask`` of shape [N, K, T].
+
+    Row k of example i is the question followed by choice k (right-padded);
+    ``choice_mask`` marks the choice's own tokens, the ones that are scored.
+    """
+    k = len(choices[0]) if len(choices) else 0
+    rows, spans = [], []
+    for question, options in zip(questions, choices):
+        for option in options:
+            ids, n = _join_tokens(tokenizer, question, option, max_length, end_token=False)
+            rows.append(ids)
+            spans.append((len(ids) - n, len(ids)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _pad(rows, max_length, pad)
+    choice = torch.zeros_like(mask)
+    for i, (start, end) in enumerate(spans):
+        choice[i, start:end] = 1
+    shape = (len(questions), k, max_length)
+    return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape),
+            "choice_mask": choice.reshape(shape)}
+
+
+def encode_instructions(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                        max_length: int = 64, ignore_index: int = -100) -> dict[str, torch.Tensor]:
+    """Prompt/response pairs -> ``input_ids``, ``attention_mask`` and ``labels`` [N, T].
+
+    ``labels`` are the token ids on the response (and its end-of-sequence token)
+    and ``ignore_index`` on the prompt and padding: the loss covers responses only.
+    """
+    rows, spans = [], []
+    for prompt, response in zip(prompts, responses):
+        ids, n = _join_tokens(tokenizer, prompt, response, max_length, end_token=True)
+        rows.append(ids)
+        spans.append((len(ids) - n, len(ids)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _pad(rows, max_length, pad)
+    labels = torch.full_like(ids, ignore_index)
+    for i, (start, end) in enumerate(spans):
+        labels[i, start:end] = ids[i, start:end]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
 class TensorBatches:
     """Deterministic mini-batches over ``(input_ids, attention_mask, labels)``.
 
@@ -144,9 +222,10 @@ class TensorBatches:
     Parameters
     ----------
     input_ids, attention_mask : torch.Tensor
-        ``[N, L]`` tensors, e.g. from :func:`tokenize_texts`.
+        ``[N, L]`` tensors, e.g. from :func:`tokenize_texts` (or ``[N, K, L]``:
+        K choices per example).
     labels : torch.Tensor or sequence of int
-        ``N`` class ids.
+        ``N`` class ids (or ``[N, L]`` token labels).
     batch_size : int
         Samples per batch, >= 1.
     shuffle : bool, default True
@@ -155,6 +234,9 @@ class TensorBatches:
         Base seed of the per-epoch permutations.
     drop_last : bool, default False
         Skip the final incomplete batch.
+    extras : dict of str to torch.Tensor, optional
+        More per-sample tensors (first dimension N) batched alongside, e.g. a
+        multiple-choice ``choice_mask``.
     """
 
     def __init__(
@@ -166,15 +248,20 @@ class TensorBatches:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        extras: dict[str, torch.Tensor] | None = None,
     ) -> None:
         labels_t = torch.as_tensor(labels, dtype=torch.long)
         n = input_ids.shape[0]
-        if attention_mask.shape != input_ids.shape or labels_t.shape != (n,):
+        extras = dict(extras or {})
+        if attention_mask.shape != input_ids.shape or labels_t.ndim == 0 or labels_t.shape[0] != n \
+                or any(v.shape[0] != n for v in extras.values()):
             raise ValueError(
-                "TensorBatches needs input_ids/attention_mask of equal shape [N, L] and "
-                f"labels of shape [N]; got {tuple(input_ids.shape)}, "
-                f"{tuple(attention_mask.shape)}, {tuple(labels_t.shape)}."
+                "TensorBatches needs input_ids/attention_mask of equal shape [N, ...] and "
+                f"labels (and extras) with N rows; got {tuple(input_ids.shape)}, "
+                f"{tuple(attention_mask.shape)}, {tuple(labels_t.shape)}, "
+                f"{ {k: tuple(v.shape) for k, v in extras.items()} }."
             )
+        self.extras = extras
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.input_ids = input_ids
@@ -221,6 +308,7 @@ class TensorBatches:
                 "input_ids": self.input_ids[idx],
                 "attention_mask": self.attention_mask[idx],
                 "labels": self.labels[idx],
+                **{key: value[idx] for key, value in self.extras.items()},
             }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

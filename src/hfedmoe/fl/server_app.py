@@ -138,12 +138,13 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         server_round += start_round
         state = strategy.state_of(arrays)
         access.load_state_dict(state, strict=True)
-        scores = evaluate(model, test)
+        scores = evaluate(model, test, task=cfg.task)
         info = strategy.round_info.get(server_round, {})
         row = {
             "round": server_round,
             "accuracy": scores["accuracy"],
             "loss": scores["loss"],
+            **({"perplexity": scores["perplexity"]} if "perplexity" in scores else {}),
             "bytes_up": info.get("bytes_up", 0),
             "bytes_down": info.get("bytes_down", 0),
             "model_bytes": info.get("model_bytes", 0),

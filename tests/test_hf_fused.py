@@ -494,3 +494,12 @@ def test_set_selection_alone_masks_the_next_backward(tmp_path):
     lm_loss(model).backward()  # control: unmasked, the other experts do get gradient
     for param in access._fused.values():
         assert param.grad[1:].abs().sum() > 0
+
+
+def test_a_wrapped_classification_head_is_new_too(tmp_path):
+    # hfedmoe.task wraps the HF model ("model.score.weight"): the head must still get
+    # the larger learning rate, and no router may.
+    from hfedmoe.task import HFSequenceClassifier
+
+    model = HFSequenceClassifier(load_tiny("mixtral", tmp_path, auto=transformers.AutoModelForSequenceClassification))
+    assert make_access(model).new_parameter_names() == {"model.score.weight"}

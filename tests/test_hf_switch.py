@@ -169,3 +169,10 @@ def test_switch_protocol_extras(tmp_path):
     expected = [params[k] for k in access.expert_param_names(3, 2)]
     got = access.unselected_expert_parameters(selection)
     assert len(got) == 2 and all(a is b for a, b in zip(got, expected))
+
+
+def test_switch_router_classifiers_are_not_task_heads(tmp_path):
+    from hfedmoe.task import Seq2SeqAsLM
+
+    access = SwitchMoEAccess(Seq2SeqAsLM(load_switch(tmp_path)))
+    assert access.new_parameter_names() == set()

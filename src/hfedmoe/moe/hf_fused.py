@@ -74,6 +74,12 @@ ROUTER_NAMES = ("gate", "router")  # sibling names of the experts module, in ord
 HEAD_NAMES = ("score", "classifier")  # task heads HF adds on top of a pretrained LM
 
 
+def is_head_parameter(name: str) -> bool:
+    """A parameter of a module named like a task head ("score.weight", "model.score.weight")."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] in HEAD_NAMES
+
+
 def expert_key(real_key: str, expert: int) -> str:
     """Virtual state-dict key of slice ``expert`` of the fused tensor ``real_key``."""
     return f"{real_key}.{EXPERT_TAG}.{expert}"
@@ -456,7 +462,10 @@ class FusedMoEAccess:
         ``*ForCausalLM``. A top-level ``score``/``classifier`` head (what HF's
         ``*ForSequenceClassification`` adds on top of an LM checkpoint) is new.
         """
-        return {n for n in self._params if n.split(".", 1)[0] in HEAD_NAMES}
+        # Named like a head wherever the model sits: top level, or inside hfedmoe's
+        # own wrappers ("model.score.weight"); Switch routers' "classifier" is not one.
+        routers = set(self._router_keys)
+        return {n for n in self._params if n not in routers and is_head_parameter(n)}
 
     # --- training ------------------------------------------------------------------------
     def _check_selection(self, selection: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hfedmoe.moe.access import NoMoELayersError, ParamGroups
-from hfedmoe.moe.hf_fused import _RECORDS, HEAD_NAMES, _has_hook, _LayerRecord, check_state_keys
+from hfedmoe.moe.hf_fused import _RECORDS, _has_hook, _LayerRecord, check_state_keys, is_head_parameter
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,10 @@ class SwitchMoEAccess:
     def new_parameter_names(self) -> set[str]:
         """Nothing in a pretrained Switch checkpoint is new, except a top-level
         ``classifier``/``score`` head added for a task."""
-        return {n for n in self._params if n.split(".", 1)[0] in HEAD_NAMES}
+        # Named like a head wherever the model sits: top level, or inside hfedmoe's
+        # own wrappers ("model.score.weight"); Switch routers' "classifier" is not one.
+        routers = set(self._router_keys)
+        return {n for n in self._params if n not in routers and is_head_parameter(n)}
 
     # --- training ------------------------------------------------------------------------
     def _check_selection(self, selection: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from hfedmoe import core
 from hfedmoe.moe.access import MoEAccess, make_access
-from hfedmoe.resources import PeakMemory, weight_bytes
+from hfedmoe.resources import PeakMemory, memtrace, weight_bytes
 
 
 @dataclass
@@ -162,8 +162,6 @@ def train_local(
     select_s = 0.0
     step_times: list[float] = []
     start = time.perf_counter()
-    from hfedmoe.resources import memtrace
-
     memtrace("train-local-start", budget=expert_budget)
     with PeakMemory() as peak:
         memtrace("peak-enter", start_rss=peak.start_rss / 1e6)

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from hfedmoe.moe.access import ModularMoEAccess
+from hfedmoe.moe.layers import ACTIVATIONS, ExpertFFN, expert_backward
 from test_moe import L, S, batch, tiny_moe
 
 
@@ -79,3 +80,23 @@ def test_backward_without_a_selection_fails_clearly():
     loss = F.cross_entropy(model(ids, mask), torch.tensor([0, 1, 2]))
     with pytest.raises(RuntimeError, match="selection"):
         loss.backward()
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("existing_grads", [False, True])
+def test_expert_backward_equals_autograd_through_the_recomputed_expert(activation, existing_grads):
+    """The deferred backward skips recomputing fc2's output; gradients must not change."""
+    torch.manual_seed(0)
+    expert = ExpertFFN(12, 20, activation)
+    x, grad_y = torch.randn(7, 12), torch.randn(7, 12)
+    reference = copy.deepcopy(expert)
+    if existing_grads:  # accumulation onto earlier gradients, as autograd does
+        for a, b in zip(expert.parameters(), reference.parameters()):
+            a.grad = torch.full_like(a, 0.5)
+            b.grad = torch.full_like(b, 0.5)
+    x_ref = x.clone().requires_grad_(True)
+    torch.autograd.backward(reference(x_ref), grad_y)
+    grad_x = expert_backward(expert, x, grad_y)
+    torch.testing.assert_close(grad_x, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(expert.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

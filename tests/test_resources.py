@@ -136,3 +136,18 @@ def test_training_memory_report_includes_the_weights():
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     result = train_local(model, itertools.islice(_batches(), 2), L * S, LocalTrainConfig(local_steps=2))
     assert result.peak_mem_bytes >= weights
+
+
+def test_memtrace_appends_this_process_counters_only_when_asked(tmp_path, monkeypatch):
+    import json as _json
+
+    from hfedmoe.resources import memtrace
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.delenv("HFEDMOE_MEMTRACE", raising=False)
+    memtrace("nothing")
+    assert not path.exists()
+    monkeypatch.setenv("HFEDMOE_MEMTRACE", str(path))
+    memtrace("here", step=3)
+    row = _json.loads(path.read_text().splitlines()[-1])
+    assert row["point"] == "here" and row["step"] == 3 and row["VmRSS"] > 0

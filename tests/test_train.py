@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import pytest
@@ -88,6 +90,30 @@ def test_optimizer_gives_fresh_parameters_the_larger_learning_rate():
     expected = set(access.router_param_names()) | {"classifier.weight", "classifier.bias"}
     assert fresh_ids == {id(params[n]) for n in expected}
     assert len(pretrained["params"]) + len(fresh["params"]) == len(params)
+
+
+def test_fused_optimizer_makes_the_plain_adamw_update_and_skips_gradless_parameters():
+    model = tiny_moe()
+    access = ModularMoEAccess(model)
+    cfg = LocalTrainConfig(lr=1e-3, weight_decay=0.1)
+    opt = make_optimizer(model, access, cfg)
+    assert all(group["fused"] for group in opt.param_groups)
+    plain_model = copy.deepcopy(model)
+    plain = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in make_optimizer(
+        plain_model, ModularMoEAccess(plain_model), cfg).param_groups], weight_decay=cfg.weight_decay)
+    params, plain_params = list(model.parameters()), list(plain_model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        for i, (a, b) in enumerate(zip(params, plain_params)):
+            if i % 3 == step % 3:  # some parameters get no gradient this step
+                a.grad = b.grad = None
+                continue
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        plain.step()
+    for (name, a), b in zip(model.named_parameters(), plain_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_round_statistics(monkeypatch):

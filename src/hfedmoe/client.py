@@ -58,9 +58,18 @@ def client_round(
     server_round: int,
     mem_budget_bytes: int | None = None,
     time_budget_s: float | None = None,
+    release_global_state: bool = False,
 ) -> ClientRoundResult:
-    """Load the global state, train one local round, and choose what to upload."""
+    """Load the global state, train one local round, and choose what to upload.
+
+    With ``release_global_state`` the received ``global_state`` dict is emptied once
+    loaded into the model, so the received copy of the model (as large as the model)
+    is not resident while the client trains (the Flower client does this; callers
+    that reuse one state for several clients leave it False).
+    """
     access.load_state_dict(global_state, strict=True)
+    if release_global_state:
+        global_state.clear()
     torch.manual_seed(cfg.seed * 7919 + server_round * 31 + data.partition_id)  # dropout
     # The method (hfedmoe.policies) decides selection, budget handling and upload.
     plan = plan_round(cfg, access, data, expert_budget, server_round)

@@ -16,6 +16,7 @@ here).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -55,6 +56,22 @@ def _release_free_memory() -> None:
         pass
 
 
+def memtrace(point: str, **extra) -> None:
+    """Diagnostics: append this process's memory counters (MB) to the jsonl file named by
+    $HFEDMOE_MEMTRACE; a no-op when it is unset. The client app and the trainer call it
+    at a round's entry, around the state conversion, at the baseline and after every
+    step, which is how the memory of a long-lived simulation worker was traced (issue 5)."""
+    path = os.environ.get("HFEDMOE_MEMTRACE")
+    if not path:
+        return
+    row = {"pid": os.getpid(), "t": time.time(), "point": point, **extra}
+    for field in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+        value = _status_bytes(field)
+        row[field] = None if value is None else round(value / 1e6, 1)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 class PeakMemory:
     """Peak resident memory added by a block of code (Linux /proc; CPU runs).
 
@@ -64,6 +81,7 @@ class PeakMemory:
     """
 
     def __enter__(self) -> "PeakMemory":
+        gc.collect()  # garbage held only by reference cycles is freed now, not mid-training
         _release_free_memory()
         self.exact = True
         try:

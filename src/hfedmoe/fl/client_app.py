@@ -19,6 +19,7 @@ from hfedmoe.config import RunConfig
 from hfedmoe.core.budget import parse_bytes
 from hfedmoe.fl.dp import sparse_local_dp_mod
 from hfedmoe.moe.access import make_access
+from hfedmoe.resources import memtrace
 from hfedmoe.task import ClientData, build_model, load_client_data
 from hfedmoe.train import set_torch_threads
 
@@ -67,6 +68,7 @@ def _injected_crash(partition_id: int, server_round: int) -> bool:
 def train(msg: Message, context: Context) -> Message:
     """One local HFedMoE round (hfedmoe.client.client_round) as a Flower reply."""
     config = msg.content["config"]
+    memtrace("train-entry", round=int(config["server-round"]), budget=int(config["expert-budget"]))
     cfg, model, data = _client(str(config["run-config"]), _partition_id(context))
     budget = int(config["expert-budget"])
     server_round = int(config["server-round"])
@@ -74,8 +76,15 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected crash of partition {data.partition_id} in round {server_round}")
     mem = int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else None
     seconds = float(config["time-budget-s"]) if "time-budget-s" in config else None
-    reply = client_round(cfg, make_access(model), data, msg.content["arrays"].to_torch_state_dict(), budget,
-                         server_round, mem_budget_bytes=mem, time_budget_s=seconds)
+    memtrace("after-client-build", pid_part=data.partition_id)
+    # The received arrays are consumed as they are converted (keep_input=False) and the
+    # converted state is released once loaded: neither copy of the model stays
+    # resident during local training.
+    state = msg.content["arrays"].to_torch_state_dict(keep_input=False)
+    memtrace("after-to-state-dict")
+    reply = client_round(cfg, make_access(model), data, state, budget, server_round, mem_budget_bytes=mem,
+                         time_budget_s=seconds, release_global_state=True)
+    memtrace("after-client-round", peak=reply.metrics.get("peak-mem-bytes", 0) / 1e6)
     if reply.failure:  # a training failure (e.g. FedAvg over budget): a flagged reply, not a crash
         content = RecordDict({"failure": ConfigRecord({"reason": reply.failure}),
                               "metrics": MetricRecord(reply.metrics)})

@@ -127,7 +127,8 @@ class DeferredExperts(torch.autograd.Function):
     Here the forward runs every expert without recording a graph (only the small
     per-slot outputs [N, k, H] are kept for the router's gradient); the backward
     re-runs the forward of the selected experts with gradients (as activation
-    checkpointing does) and back-propagates through them alone. Unselected experts
+    checkpointing does, minus the output layer, whose backward does not need its
+    own output: see :func:`expert_backward`) and back-propagates through them alone. Unselected experts
     act as constants: no activation memory, no weight or input gradient, which is
     what "run them detached" means. The routing weights keep their full gradient.
     """
@@ -154,10 +155,37 @@ class DeferredExperts(torch.autograd.Function):
             token_idx, slot = (top_idx == e).nonzero(as_tuple=True)
             if token_idx.numel() == 0:
                 continue
-            with torch.enable_grad():
-                x = tokens[token_idx].detach().requires_grad_(True)
-                y = layer.experts[e](x)
-                # Accumulates the expert's weight gradients and gives x.grad.
-                torch.autograd.backward(y, grad_out[token_idx, slot])
-            grad_tokens.index_add_(0, token_idx, x.grad)
+            grad_x = expert_backward(layer.experts[e], tokens[token_idx], grad_out[token_idx, slot])
+            grad_tokens.index_add_(0, token_idx, grad_x)
         return grad_tokens, None, None
+
+
+def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
+    """Add ``grad`` to ``param.grad`` as autograd's own accumulation would."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def expert_backward(expert: ExpertFFN, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """Back-propagate ``grad_y`` through ``expert`` at input ``x``; return the input gradient.
+
+    Accumulates the expert's weight gradients, exactly as ``autograd.backward`` on a
+    recomputed ``expert(x)`` would, but re-runs only what the backward needs: fc1 and
+    the activation. The output layer's forward (fc2 applied to the activations) is not
+    needed by its own backward (dW2 = grad_y^T a, db2 = sum grad_y, grad_a = grad_y W2),
+    so it is not recomputed: one of the two recomputed matrix products is saved.
+    """
+    fc2 = expert.fc2
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        act = ACTIVATIONS[expert.activation](expert.fc1(x))
+    a = act.detach()
+    if fc2.weight.requires_grad:
+        _accumulate(fc2.weight, grad_y.t() @ a)
+    if fc2.bias is not None and fc2.bias.requires_grad:
+        _accumulate(fc2.bias, grad_y.sum(dim=0))
+    # Accumulates fc1's weight gradients and gives x.grad.
+    torch.autograd.backward(act, grad_y @ fc2.weight.detach())
+    return x.grad

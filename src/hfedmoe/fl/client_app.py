@@ -27,12 +27,28 @@ from hfedmoe.train import set_torch_threads
 app = ClientApp()
 
 
-@functools.lru_cache(maxsize=2)
-def _client(run_config_json: str, partition_id: int) -> tuple[RunConfig, torch.nn.Module, ClientData]:
-    """Model skeleton and tokenized partition, built once per process and run."""
+@functools.lru_cache(maxsize=1)
+def _model(run_config_json: str) -> tuple[RunConfig, torch.nn.Module]:
+    """One model skeleton per process and run, shared by the clients this process
+    serves one after another: every round loads the whole global state into it
+    (strict), so nothing of one client's round carries over to the next."""
     cfg = RunConfig.from_json(run_config_json)
     set_torch_threads()
-    return cfg, build_model(cfg, pretrained=False), load_client_data(cfg, partition_id)
+    return cfg, build_model(cfg, pretrained=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _data(run_config_json: str, partition_id: int) -> ClientData:
+    """A client's tokenized partition (small: all partitions together are the dataset)."""
+    return load_client_data(RunConfig.from_json(run_config_json), partition_id)
+
+
+def _client(run_config_json: str, partition_id: int) -> tuple[RunConfig, torch.nn.Module, ClientData]:
+    """Model skeleton and tokenized partition, built once per process and run (a
+    cache keyed by partition would rebuild the model for every client once a worker
+    serves more clients than the cache holds)."""
+    cfg, model = _model(run_config_json)
+    return cfg, model, _data(run_config_json, partition_id)
 
 
 def _partition_id(context: Context) -> int:

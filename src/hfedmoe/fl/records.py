@@ -92,7 +92,8 @@ def array_to_tensor(array: Array) -> torch.Tensor:
     through a BytesIO in 256 KB pieces into a new array; this parses the header and
     maps the data in place. The tensor shares the message's immutable bytes: it must
     not be modified in place (loading it into a model, or aggregating it, copies).
-    Raises ValueError on anything but a well-formed, C-ordered, non-object .npy array.
+    Raises ValueError on anything but a well-formed, non-object .npy array (a
+    Fortran-ordered one, never sent by this project, is read by numpy and copied).
     """
     if array.stype != SType.NUMPY:
         raise ValueError(f"unsupported array serialisation {array.stype!r}")

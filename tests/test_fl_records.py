@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe import core
 from hfedmoe.config import RunConfig
-from hfedmoe.fl.records import ReplyError, parse_reply, record_nbytes
+from hfedmoe.fl.records import (
+    ReplyError,
+    array_to_tensor,
+    parse_reply,
+    record_nbytes,
+    record_to_state,
+    state_to_record,
+    tensor_to_array,
+)
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe.access import ModularMoEAccess, ParamGroups
 from hfedmoe.moe.upcycle import MoEClassifier, upcycle_bert_layers
@@ -122,6 +130,68 @@ def test_parse_reply_accepts_and_splits_a_wellformed_reply(tiny):
     raw = sum(v.numel() * v.element_size() for v in [*parts["arrays"].values(), *parts["stats"].values()])
     assert update.bytes_up == record_nbytes(ArrayRecord(parts["arrays"])) + record_nbytes(ArrayRecord(parts["stats"]))
     assert raw <= update.bytes_up <= raw + 256 * n_tensors
+
+
+WIRE_TENSORS = {
+    "f32": torch.randn(3, 5),
+    "f64": torch.randn(4, dtype=torch.float64),
+    "f16": torch.randn(2, 3).half(),
+    "i64": torch.arange(6).reshape(2, 3),
+    "bool": torch.tensor([True, False, True]),
+    "scalar": torch.tensor(2.5),
+    "empty": torch.zeros(0, 4),
+    "transposed": torch.randn(3, 4).t(),  # not contiguous: sent C-ordered
+}
+
+
+@pytest.mark.parametrize("name", list(WIRE_TENSORS))
+def test_wire_helpers_match_flowers_own_conversion(name):
+    tensor = WIRE_TENSORS[name]
+    ours, flowers = tensor_to_array(tensor), Array(tensor)
+    if tensor.is_contiguous():  # the same bytes as np.save
+        assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype,
+                                                                   flowers.data)
+    else:  # Flower keeps the Fortran order of a transposed tensor; ours is sent C-ordered
+        assert b"'fortran_order': False" in ours.data and b"'fortran_order': True" in flowers.data
+    for array in (ours, flowers):
+        back = array_to_tensor(array)
+        assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor)
+
+
+def test_record_round_trip_without_copies():
+    record = state_to_record(WIRE_TENSORS)
+    assert list(record) == list(WIRE_TENSORS)
+    state = record_to_state(record)
+    for key, tensor in WIRE_TENSORS.items():
+        assert torch.equal(state[key], tensor)
+    assert state["f32"].untyped_storage().nbytes() == 15 * 4  # a view of the record's bytes
+    assert torch.equal(ArrayRecord(WIRE_TENSORS).to_torch_state_dict()["i64"], state["i64"])
+
+
+def test_finite_check_is_exact():
+    from hfedmoe.fl.records import _all_finite
+
+    big = torch.full((4,), 3e38)  # every value finite, their float32 sum is not
+    assert _all_finite(big) and _all_finite(torch.full((9,), 60000.0).half())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float16, torch.float64):
+            value = torch.zeros(5, dtype=dtype)
+            value[3] = bad
+            assert not _all_finite(value)
+            assert not _all_finite(torch.cat([big.to(dtype) if dtype != torch.float16 else value, value]))
+
+
+def test_unreadable_array_is_a_reply_error(tiny):
+    groups, state = tiny
+    parts = reply_content(groups, perturbed(state, 1), [(0, 0)])
+    msg = to_reply(instruction(NODE_A), parts)
+    key = groups.dense[0]
+    good = msg.content["arrays"][key]
+    msg.content["arrays"][key] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
+    with pytest.raises(ReplyError, match=f"node {NODE_A} holds an unreadable array"):
+        parse_reply(msg, groups, state)
+    with pytest.raises(ValueError, match="unsupported .npy format|magic"):
+        array_to_tensor(Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=b"not an npy payload"))
 
 
 def _break_unknown_key(p, g):

@@ -164,3 +164,26 @@ def test_stop_descendants_waits_for_sigkilled_children_and_reaps_them(monkeypatc
         for timer in timers:
             timer.cancel()
         _kill(procs, [])
+
+
+def test_a_process_orphaned_before_the_stop_is_stopped_through_the_snapshot():
+    """Ray's raylet can exit before its workers: they are re-parented to init and leave
+    our tree. A snapshot taken while the tree was intact still gets them stopped."""
+    if descendants():
+        pytest.skip("the test process already has child processes")
+    procs: list[subprocess.Popen] = []
+    orphan: list[int] = []
+    try:
+        shell = subprocess.Popen(["bash", "-c", "sleep 60 & wait"])
+        procs.append(shell)
+        orphan = _children_of(shell.pid)
+        assert len(orphan) == 1
+        snapshot = descendants()
+        shell.kill()  # the parent dies; its sleep is orphaned
+        shell.wait(timeout=5)
+        assert orphan[0] not in descendants(), "the orphan should have left our process tree"
+        assert _alive(orphan[0])
+        assert orphan[0] in stop_descendants(grace_s=1.0, also=snapshot)
+        assert _wait_dead(orphan[0])
+    finally:
+        _kill(procs, orphan)

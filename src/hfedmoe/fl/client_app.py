@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from hfedmoe.client import client_round
 from hfedmoe.config import RunConfig
 from hfedmoe.core.budget import parse_bytes
 from hfedmoe.fl.dp import sparse_local_dp_mod
+from hfedmoe.fl.records import record_to_state, state_to_record
 from hfedmoe.moe.access import make_access
 from hfedmoe.resources import memtrace
 from hfedmoe.task import ClientData, build_model, load_client_data
@@ -26,12 +28,28 @@ from hfedmoe.train import set_torch_threads
 app = ClientApp()
 
 
-@functools.lru_cache(maxsize=2)
-def _client(run_config_json: str, partition_id: int) -> tuple[RunConfig, torch.nn.Module, ClientData]:
-    """Model skeleton and tokenized partition, built once per process and run."""
+@functools.lru_cache(maxsize=1)
+def _model(run_config_json: str) -> tuple[RunConfig, torch.nn.Module]:
+    """One model skeleton per process and run, shared by the clients this process
+    serves one after another: every round loads the whole global state into it
+    (strict), so nothing of one client's round carries over to the next."""
     cfg = RunConfig.from_json(run_config_json)
     set_torch_threads()
-    return cfg, build_model(cfg, pretrained=False), load_client_data(cfg, partition_id)
+    return cfg, build_model(cfg, pretrained=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _data(run_config_json: str, partition_id: int) -> ClientData:
+    """A client's tokenized partition (small: all partitions together are the dataset)."""
+    return load_client_data(RunConfig.from_json(run_config_json), partition_id)
+
+
+def _client(run_config_json: str, partition_id: int) -> tuple[RunConfig, torch.nn.Module, ClientData]:
+    """Model skeleton and tokenized partition, built once per process and run (a
+    cache keyed by partition would rebuild the model for every client once a worker
+    serves more clients than the cache holds)."""
+    cfg, model = _model(run_config_json)
+    return cfg, model, _data(run_config_json, partition_id)
 
 
 def _partition_id(context: Context) -> int:
@@ -77,21 +95,27 @@ def train(msg: Message, context: Context) -> Message:
     mem = int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else None
     seconds = float(config["time-budget-s"]) if "time-budget-s" in config else None
     memtrace("after-client-build", pid_part=data.partition_id)
-    # The received arrays are consumed as they are converted (keep_input=False) and the
-    # converted state is released once loaded: neither copy of the model stays
-    # resident during local training.
-    state = msg.content["arrays"].to_torch_state_dict(keep_input=False)
+    started = time.perf_counter()
+    # Read-only views of the message's bytes: loading them into the model copies once.
+    # Without local DP the arrays record leaves the message and the views are dropped once
+    # loaded (release_global_state), so no second copy of the model stays resident while
+    # training. Local DP (sparse_local_dp_mod) needs the received values after training.
+    global_state = record_to_state(msg.content["arrays"])
+    if not cfg.dp_epsilon:
+        del msg.content["arrays"]
+    decoded = time.perf_counter()
     memtrace("after-to-state-dict")
-    reply = client_round(cfg, make_access(model), data, state, budget, server_round, mem_budget_bytes=mem,
-                         time_budget_s=seconds, release_global_state=True)
+    reply = client_round(cfg, make_access(model), data, global_state, budget, server_round,
+                         mem_budget_bytes=mem, time_budget_s=seconds, release_global_state=True)
+    trained = time.perf_counter()
     memtrace("after-client-round", peak=reply.metrics.get("peak-mem-bytes", 0) / 1e6)
     if reply.failure:  # a training failure (e.g. FedAvg over budget): a flagged reply, not a crash
         content = RecordDict({"failure": ConfigRecord({"reason": reply.failure}),
                               "metrics": MetricRecord(reply.metrics)})
         return Message(content=content, reply_to=msg)
-    content = RecordDict({
-        "arrays": ArrayRecord(reply.upload),
-        "stats": ArrayRecord(reply.stats),
-        "metrics": MetricRecord(reply.metrics),
-    })
+    arrays, stats = state_to_record(reply.upload), state_to_record(reply.stats)
+    # Where the client's time went (the benchmark subtracts it from the round's time
+    # to find what the message layer costs).
+    timing = {"decode-s": decoded - started, "round-s": trained - decoded, "encode-s": time.perf_counter() - trained}
+    content = RecordDict({"arrays": arrays, "stats": stats, "metrics": MetricRecord({**reply.metrics, **timing})})
     return Message(content=content, reply_to=msg)

@@ -33,9 +33,14 @@ def descendants(pid: int | None = None) -> list[int]:
     return found
 
 
-def stop_descendants(grace_s: float = 5.0) -> list[int]:
-    """SIGTERM every descendant, then SIGKILL those still alive after ``grace_s``."""
-    pids = descendants()
+def stop_descendants(grace_s: float = 5.0, also: list[int] | tuple[int, ...] = ()) -> list[int]:
+    """SIGTERM every descendant, then SIGKILL those still alive after ``grace_s``.
+
+    ``also``: PIDs seen in the tree earlier (see :func:`descendants`). A Ray worker
+    whose raylet exits first is re-parented to init and is no longer our descendant;
+    a snapshot taken while the tree was intact still names it.
+    """
+    pids = list(dict.fromkeys([*descendants(), *(p for p in also if _alive(p))]))
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s

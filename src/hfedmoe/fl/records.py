@@ -14,10 +14,15 @@ server drops that client for the round and keeps everything else.
 
 from __future__ import annotations
 
+import io
+import math
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import SType
 
 from hfedmoe.client import ClientRoundResult
 from hfedmoe.moe.access import ParamGroups
@@ -61,6 +66,76 @@ def update_from_round(node_id: int, reply: ClientRoundResult, groups: ParamGroup
     )
 
 
+def tensor_to_array(tensor: torch.Tensor) -> Array:
+    """A Flower ``Array`` holding ``tensor``, byte for byte what ``Array(tensor)`` holds.
+
+    Flower's own conversion goes through ``np.save`` into a BytesIO (the data is
+    copied chunk by chunk, then once more by ``getvalue``); this writes the same
+    .npy header and joins it with the tensor's memory in one copy.
+    """
+    array = tensor.detach().cpu().contiguous().numpy()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    data = b"".join((header.getvalue(), array.reshape(-1).view(np.uint8)))
+    return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=data)
+
+
+def state_to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """``ArrayRecord(tensors)`` with one copy per tensor (see :func:`tensor_to_array`)."""
+    return ArrayRecord({key: tensor_to_array(value) for key, value in tensors.items()})
+
+
+def array_to_tensor(array: Array) -> torch.Tensor:
+    """The tensor of a Flower ``Array`` as a read-only view of its bytes (no copy).
+
+    ``Array.numpy()`` (what ``to_torch_state_dict`` uses) reads the .npy data back
+    through a BytesIO in 256 KB pieces into a new array; this parses the header and
+    maps the data in place. The tensor shares the message's immutable bytes: it must
+    not be modified in place (loading it into a model, or aggregating it, copies).
+    Raises ValueError on anything but a well-formed, non-object .npy array (a
+    Fortran-ordered one, never sent by this project, is read by numpy and copied).
+    """
+    if array.stype != SType.NUMPY:
+        raise ValueError(f"unsupported array serialisation {array.stype!r}")
+    data = array.data
+    stream = io.BytesIO(data)  # shares ``data`` (no copy) until written to
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    offset = stream.tell()
+    count = math.prod(shape)
+    if len(data) != offset + count * dtype.itemsize:
+        raise ValueError(f"array data holds {len(data) - offset} bytes, its header says {count * dtype.itemsize}")
+    if fortran_order:  # never produced by this project; take numpy's own path
+        return torch.from_numpy(array.numpy().copy(order="C"))
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(values)
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """``record.to_torch_state_dict()`` without copying the data (see :func:`array_to_tensor`)."""
+    return {key: array_to_tensor(value) for key, value in record.items()}
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """No NaN or infinity in ``value``: exactly ``isfinite(value).all()``, ~10x faster.
+
+    A NaN or infinity makes the sum non-finite; a finite sum therefore proves every
+    value finite. Only a non-finite sum (a bad value, or a float overflow of the sum)
+    needs the element-wise check.
+    """
+    total = value.sum(dtype=torch.float32) if value.element_size() < 4 else value.sum()  # fp16 sums overflow
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(value).all())
+
+
 def record_nbytes(record: ArrayRecord) -> int:
     """Serialised bytes of an ArrayRecord's arrays (tensor data plus each array's
     small .npy header, about 128 bytes; the message envelope is not counted)."""
@@ -76,8 +151,11 @@ def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Te
     for name in ("arrays", "stats", "metrics"):
         if name not in content:
             raise ReplyError(f"reply of node {node} has no {name!r} record")
-    arrays = content["arrays"].to_torch_state_dict()
-    stats = content["stats"].to_torch_state_dict()
+    try:
+        arrays = record_to_state(content["arrays"])
+        stats = record_to_state(content["stats"])
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ReplyError(f"reply of node {node} holds an unreadable array: {err}") from None
     metrics = dict(content["metrics"])
 
     unknown = sorted(set(arrays) - set(reference))
@@ -90,7 +168,7 @@ def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Te
             raise ReplyError(
                 f"reply of node {node}: {key} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}"
             )
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if value.is_floating_point() and not _all_finite(value):
             raise ReplyError(f"reply of node {node}: {key} holds NaN or infinite values")
     missing = [k for k in groups.dense + groups.routers if k not in arrays]
     if missing:

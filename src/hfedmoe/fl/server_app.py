@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.fl.records import state_to_record
 from hfedmoe.fl.strategy import HFedMoE, RunAborted
 from hfedmoe.moe.access import make_access
 from hfedmoe.policies import method_aggregation
@@ -129,6 +130,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
 
     start_round = recorder.resume_round
     strategy.round_offset = start_round
+    checkpoint_s: list[float] = []  # the last checkpoint's write time, reported in the next row
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if start_round and server_round == 0:
@@ -136,10 +138,15 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             last = recorder.rows[-1]
             return MetricRecord({"accuracy": last["accuracy"], "loss": last["loss"]})
         server_round += start_round
+        started = time.perf_counter()
         state = strategy.state_of(arrays)
         access.load_state_dict(state, strict=True)
         scores = evaluate(model, test, task=cfg.task)
         info = strategy.round_info.get(server_round, {})
+        # Seconds spent in this row's wall-time window (from the previous row's log to
+        # this one's): the strategy's phases, this evaluation, the previous checkpoint.
+        timing = {**info.get("timing", {}), "eval_s": time.perf_counter() - started,
+                  "checkpoint_s": checkpoint_s.pop() if checkpoint_s else 0.0}
         row = {
             "round": server_round,
             "accuracy": scores["accuracy"],
@@ -151,19 +158,22 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             "gate_alpha": info.get("alpha", []),
             "failures": info.get("failures", []),
             "clients": info.get("clients", []),
+            "timing": {k: round(v, 4) for k, v in timing.items()},
         }
         reporter.on_round(recorder.log_round(row))
         if server_round > 0:
+            started = time.perf_counter()
             recorder.save_checkpoint(server_round, state)
+            checkpoint_s.append(time.perf_counter() - started)
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
     initial = recorder.resume_state if recorder.resume_state is not None else access.state_dict()
     aborted = None
     if start_round < cfg.rounds:
         try:
-            result = strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.rounds - start_round,
+            result = strategy.start(grid, state_to_record(initial), num_rounds=cfg.rounds - start_round,
                                     timeout=cfg.round_timeout, evaluate_fn=evaluate_fn)
-            final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+            final_state = strategy.state_of(result.arrays) if len(result.arrays) else initial
         except RunAborted as err:
             aborted = str(err)
             final_state = strategy._last_state or initial

@@ -6,7 +6,7 @@ import logging
 import os
 
 from hfedmoe.config import RunConfig
-from hfedmoe.fl.processes import stop_descendants
+from hfedmoe.fl.processes import descendants, stop_descendants
 
 
 class _CapturingReporter:
@@ -70,13 +70,16 @@ def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict
             verbose_logging=verbose,
         )
     finally:
+        # Snapshot the process tree before Ray shuts down: processes orphaned during
+        # the shutdown leave the tree but must still be stopped.
+        tree = descendants()
         try:
             import ray
 
             if ray.is_initialized():
                 ray.shutdown()
         finally:
-            stop_descendants()
+            stop_descendants(also=tree)
     if capture.summary is None:
         raise RuntimeError("the federated run ended without a summary; see the log above for the failing step")
     return capture.summary

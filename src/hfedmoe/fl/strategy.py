@@ -22,7 +22,15 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from hfedmoe import core
-from hfedmoe.fl.records import ClientUpdate, ReplyError, parse_reply, raw_nbytes, record_nbytes
+from hfedmoe.fl.records import (
+    ClientUpdate,
+    ReplyError,
+    parse_reply,
+    raw_nbytes,
+    record_nbytes,
+    record_to_state,
+    state_to_record,
+)
 from hfedmoe.moe.access import ParamGroups
 
 
@@ -87,7 +95,7 @@ class HFedMoE(Strategy):
         # from: converting a 300 MB record back to tensors costs ~0.25 s a time.
         self._last_record: ArrayRecord | None = None
         self._last_state: dict[str, torch.Tensor] = {}
-        self._round_started = 0.0
+        self._round_started = self._configured = 0.0
         # Per-round facts the run recorder reads after aggregation.
         self.round_info: dict[int, dict] = {}
         # A resumed run continues after checkpointed round k: Flower counts from 1
@@ -114,6 +122,7 @@ class HFedMoE(Strategy):
             node_config["run-config"] = self.run_config_json
             content = RecordDict({"arrays": arrays, "config": node_config})
             messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        self._configured = time.perf_counter()
         self.round_info[server_round] = {
             "bytes_down": record_nbytes(arrays) * len(messages),
             "model_bytes": raw_nbytes(self._current),  # what one FedAvg-full upload would cost
@@ -128,6 +137,7 @@ class HFedMoE(Strategy):
         server_round += self.round_offset
         if not self._current:
             raise RuntimeError("aggregate_train called before configure_train: the strategy has no global model")
+        replied = time.perf_counter()
         updates: list[ClientUpdate] = []
         failures: list[dict] = []
         replies = list(replies)
@@ -147,6 +157,10 @@ class HFedMoE(Strategy):
                 log(WARNING, "round %d: dropping a reply: %s", server_round, err)
                 failures.append({"node_id": msg.metadata.src_node_id, "reason": str(err)})
         info = self.round_info.setdefault(server_round, {})
+        parsed = time.perf_counter()
+        # Where the server's time went in this round (seconds); see hfedmoe.bench.
+        info["timing"] = {"configure_s": self._configured - self._round_started,
+                          "clients_s": replied - self._configured, "parse_s": parsed - replied}
         info["failures"] = failures
         info["clients"] = [self._client_row(u) for u in updates]
         info["bytes_up"] = sum(u.bytes_up for u in updates)
@@ -165,18 +179,21 @@ class HFedMoE(Strategy):
 
         state = self.aggregate(updates)
         info["alpha"] = state.pop("__alpha__").tolist()
-        info["aggregate_s"] = time.perf_counter() - self._round_started
+        aggregated = time.perf_counter()
         n = [u.num_examples for u in updates]
         loss = sum(u.metrics.get("train-loss", 0.0) * k for u, k in zip(updates, n)) / max(sum(n), 1)
         metrics = MetricRecord({"train-loss": float(loss), "clients": len(updates), "failures": len(failures)})
-        self._last_record, self._last_state = ArrayRecord(state), state
+        # Built once; Flower sends this same record to every client next round.
+        self._last_record, self._last_state = state_to_record(state), state
+        info["timing"].update(aggregate_s=aggregated - parsed, encode_s=time.perf_counter() - aggregated)
         return self._last_record, metrics
 
     def state_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """Tensors of ``arrays``; free when it is the record this strategy built last."""
         if arrays is self._last_record:
             return self._last_state
-        return arrays.to_torch_state_dict()
+        # Read-only views of the record's bytes (no copy); nothing here modifies them.
+        return record_to_state(arrays)
 
     def aggregate(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         """The new global state from validated updates (Eq. 17, 18-21, dense FedAvg)."""
@@ -228,6 +245,9 @@ class HFedMoE(Strategy):
             "train_loss": float(m.get("train-loss", float("nan"))),
             "train_s": float(m.get("wall-s", 0.0)),
             "select_s": float(m.get("select-s", 0.0)),
+            "decode_s": float(m.get("decode-s", 0.0)),
+            "round_s": float(m.get("round-s", 0.0)),
+            "encode_s": float(m.get("encode-s", 0.0)),
             "bytes_up": u.bytes_up,
             "bytes_up_floor": u.bytes_up_floor,
             "usage": [[round(x, 5) for x in row] for row in u.usage.tolist()],

@@ -1,0 +1,73 @@
+"""The issue-8 figures at reduced size, for a loaded shared machine (see BENCHMARKS.md).
+
+`hfedmoe bench` (full) takes ~15 min on a quiet 2-core box and over an hour when the
+box is 3-5x oversubscribed. This runs the same functions from hfedmoe.bench with
+fewer rounds/clients; every figure says which workload it measured.
+
+    python benchmarks/bench_issue8_reduced.py OUT_DIR [--part=ratio|scaling|aggregation]...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from hfedmoe import bench
+from hfedmoe.config import RunConfig
+
+
+def ratio_default_workload(out: Path) -> dict:
+    """runtime_overhead with the default local workload: 10 steps of 16 x 64 tokens, 2 clients, 2 rounds
+    (round 2 is the steady round)."""
+    cfg = RunConfig(rounds=2, clients=2, local_steps=10, out=str(out / "federated"))
+    fed = bench.federated_arm(cfg)
+    bare = bench.bare_arm(cfg)
+    rows = fed["rows"]
+    phases = bench.federated_breakdown(rows, rows[1]["model_bytes"] / 1e6)
+    return {
+        "workload": "2 clients, 10 local steps of 16 x 64 tokens, 2 rounds (steady = round 2)",
+        "runtime_overhead": round(fed["round_s"][-1] / bare["round_s"][-1], 3),
+        "federated_round_s": [round(x, 2) for x in fed["round_s"]],
+        "bare_round_s": [round(x, 2) for x in bare["round_s"]],
+        "federated_breakdown_s": phases, "bare_breakdown_s": bare["breakdown"],
+        "federated_accuracy": [round(r["accuracy"], 4) for r in rows[1:]],
+        "bare_accuracy": [round(a, 4) for a in bare["accuracy"]],
+        "loadavg_federated": fed["loadavg"], "loadavg_bare": bare["loadavg"],
+    }
+
+
+def clients_scaling(out: Path, counts=(2, 4, 8)) -> list[dict]:
+    """Round time vs clients, fixed local work per client (2 steps of 8 x 32 tokens), round 2 timed."""
+    base = bench.quick_config(out)
+    result = []
+    for clients in counts:
+        cfg = replace(base, clients=clients, rounds=2, local_steps=2, out=str(out / f"clients-{clients}"))
+        run = bench.federated_arm(cfg)
+        phases = bench.federated_breakdown(run["rows"], run["rows"][1]["model_bytes"] / 1e6)
+        result.append({"clients": clients, "round_s": round(run["round_s"][-1], 2),
+                       "per_client_s": round(run["round_s"][-1] / clients, 2), **{
+                           k: phases.get(k) for k in ("client_round_s", "transport_s", "server_parse_s",
+                                                      "server_aggregate_s", "server_eval_s", "server_checkpoint_s")},
+                       "loadavg": run["loadavg"]})
+        print(json.dumps(result[-1]), file=sys.stderr, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--part=")] or ["ratio", "scaling",
+                                                                                      "aggregation"]
+    result = {}
+    for part in parts:
+        if part == "ratio":
+            result["default_workload"] = ratio_default_workload(out / "ratio")
+        elif part == "scaling":
+            result["clients_scaling"] = clients_scaling(out / "scaling")
+        elif part == "aggregation":
+            result["aggregation_scaling"] = bench.aggregation_scaling([8, 16, 32, 64])
+        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({part: result[list(result)[-1]]}), file=sys.stderr, flush=True)
+    print(json.dumps(result))

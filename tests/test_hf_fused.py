@@ -440,14 +440,15 @@ def test_selection_shape_is_checked(tmp_path):
             pass
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["autograd", "deferred"])
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
-def test_the_trainers_step_sequence_keeps_unselected_slices(name, tmp_path):
+def test_the_trainers_step_sequence_keeps_unselected_slices(name, deferred, tmp_path):
     """What hfedmoe.train.train_local does per batch, without passing the optimizer."""
     model = load_tiny(name, tmp_path)
     model.train()
     access = make_access(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    assert access.enable_deferred_backward(True) is False  # plain autograd for fused experts
+    assert access.enable_deferred_backward(deferred) is True  # the eager fused layout supports it
     for step in range(3):
         loss = lm_loss(model, seed=step)
         selection = one_expert_per_layer(access, step)

@@ -67,6 +67,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from hfedmoe.moe import fused_deferred
 from hfedmoe.moe.access import NoMoELayersError, ParamGroups
 
 EXPERT_TAG = "__expert__"
@@ -507,6 +508,9 @@ class FusedMoEAccess:
         selection = self._check_selection(selection)
         for key, param in self._fused.items():
             _GRAD_KEEP[param] = selection[self._fused_layer[key]].clone()
+        for layer, module in enumerate(self._experts_modules()):
+            if fused_deferred.installed(module):
+                setattr(module, fused_deferred.SELECTION_ATTR, selection[layer].clone())
 
     def unselected_expert_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
         """Fused expert tensors none of whose experts is selected.
@@ -519,11 +523,23 @@ class FusedMoEAccess:
         selection = self._check_selection(selection)
         return [p for key, p in self._fused.items() if not selection[self._fused_layer[key]].any()]
 
+    def _experts_modules(self) -> list[nn.Module]:
+        """The fused experts module of each MoE layer (the owner of its 3-D tensors)."""
+        return [self.model.get_submodule(block.expert_keys[0].rsplit(".", 1)[0]) for block in self.blocks]
+
     def enable_deferred_backward(self, enabled: bool) -> bool:
-        """Deferred expert backward is not implemented for fused experts: returns False
-        (the trainer then keeps plain autograd; the result is the same, only the
-        activation memory and backward compute of unselected experts are not saved)."""
-        return False
+        """Back-propagate only through the experts selected after the forward pass.
+
+        Saves the unselected experts' activation memory and their whole backward (see
+        :mod:`hfedmoe.moe.fused_deferred`). Returns whether the layout supports it: the
+        eager gated MLP of the transformers 5.x families; any other experts module
+        (biases, transposed weights, a PEFT wrapper) keeps plain autograd.
+        """
+        modules = self._experts_modules()
+        supported = all(fused_deferred.supports_deferred(m) for m in modules)
+        for module in modules:
+            fused_deferred.install(module, enabled and supported)
+        return supported
 
     @property
     def top_k(self) -> int | None:

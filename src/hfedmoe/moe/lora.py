@@ -260,6 +260,11 @@ class LoraMoEAccess(FusedMoEAccess):
     per-expert slices of the packed adapter factors (see the module docstring).
     """
 
+    def enable_deferred_backward(self, enabled: bool) -> bool:
+        """Not for LoRA: the adapters live in PEFT's wrapper around the experts module,
+        whose forward :mod:`hfedmoe.moe.fused_deferred` does not reproduce. Plain autograd."""
+        return False
+
     def __init__(self, model: nn.Module):  # noqa: super().__init__ would look for bare fused tensors
         self.model = model
         self.blocks, packed = find_lora_blocks(model)

@@ -504,3 +504,39 @@ def test_a_wrapped_classification_head_is_new_too(tmp_path):
 
     model = HFSequenceClassifier(load_tiny("mixtral", tmp_path, auto=transformers.AutoModelForSequenceClassification))
     assert make_access(model).new_parameter_names() == {"model.score.weight"}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_the_trainers_optimizer_moves_and_keeps_moments_for_selected_slices_only(name, tmp_path):
+    """hfedmoe.train.make_optimizer builds an ExpertSliceAdamW for fused layouts: under
+    freeze_unselected it updates only the selected slices and holds no moments for the
+    others (a constrained client's optimizer memory scales with its budget)."""
+    from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
+    from hfedmoe.train import LocalTrainConfig, make_optimizer
+
+    model = load_tiny(name, tmp_path)
+    model.train()
+    access = make_access(model)
+    optimizer = make_optimizer(model, access, LocalTrainConfig(lr=1e-2, weight_decay=0.1))
+    assert isinstance(optimizer, ExpertSliceAdamW)
+    params = dict(model.named_parameters())
+    for step in range(3):
+        loss = lm_loss(model, seed=step)
+        selection = one_expert_per_layer(access, step)
+        before = expert_slices(access)
+        trainable = access.trainable_parameters(selection)
+        loss.backward(inputs=trainable)
+        with access.freeze_unselected(selection, optimizer):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = expert_slices(access)
+        for le, tensors in before.items():
+            same = all(torch.equal(a, b) for a, b in zip(tensors, after[le]))
+            assert same != bool(selection[le]), (step, le)
+        for layer, block in enumerate(access.blocks):
+            for key in block.expert_keys:
+                kept = sorted(optimizer.state[params[key]].get("slices", {}))
+                assert kept == selection[layer].nonzero().flatten().tolist(), (step, key)
+                assert not any(v.shape == params[key].shape for v in optimizer.state[params[key]].values()
+                               if isinstance(v, torch.Tensor)), "a full-size moment of a fused tensor"
+    assert optimizer.slice_masks == {}

@@ -69,6 +69,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from hfedmoe.moe import fused_deferred
 from hfedmoe.moe.access import NoMoELayersError, ParamGroups
+from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
 
 EXPERT_TAG = "__expert__"
 ROUTER_NAMES = ("gate", "router")  # sibling names of the experts module, in order of preference
@@ -523,6 +524,9 @@ class FusedMoEAccess:
         selection = self._check_selection(selection)
         return [p for key, p in self._fused.items() if not selection[self._fused_layer[key]].any()]
 
+    # Expert index first in every fused tensor: an optimizer can work slice by slice.
+    optimizer_slices_experts = True
+
     def _experts_modules(self) -> list[nn.Module]:
         """The fused experts module of each MoE layer (the owner of its 3-D tensors)."""
         return [self.model.get_submodule(block.expert_keys[0].rsplit(".", 1)[0]) for block in self.blocks]
@@ -553,6 +557,10 @@ class FusedMoEAccess:
     ) -> Iterator[None]:
         """Guard around ``optimizer.step()``: unselected expert slices stay bit-for-bit.
 
+        With an :class:`~hfedmoe.moe.slice_adamw.ExpertSliceAdamW` (what the trainer
+        builds for this layout) the optimizer is told the selected slices and updates
+        only those. With any other optimizer:
+
         A fused tensor gets a gradient as soon as one of its experts is selected, and
         AdamW then moves EVERY slice of it (weight decay, and momentum from earlier
         steps even where the gradient is zero). On entry this zeroes the gradient of
@@ -570,6 +578,17 @@ class FusedMoEAccess:
             Pass it to also keep the unselected slices' optimizer state unchanged.
         """
         selection = self._check_selection(selection)
+        if isinstance(optimizer, ExpertSliceAdamW) and self.optimizer_slices_experts:
+            # The optimizer itself updates (and keeps moments for) the selected slices
+            # only: nothing to snapshot, no moments held for unselected experts.
+            optimizer.slice_masks = {param: selection[self._fused_layer[key]] for key, param in self._fused.items()}
+            try:
+                yield
+            finally:
+                optimizer.slice_masks = {}
+                for param in self._fused.values():
+                    _GRAD_KEEP.pop(param, None)
+            return
         saved = []
         with torch.no_grad():
             for key, param in self._fused.items():

@@ -260,6 +260,9 @@ class LoraMoEAccess(FusedMoEAccess):
     per-expert slices of the packed adapter factors (see the module docstring).
     """
 
+    # PEFT packs lora_B with the expert index varying fastest: dim 0 is not the expert.
+    optimizer_slices_experts = False
+
     def enable_deferred_backward(self, enabled: bool) -> bool:
         """Not for LoRA: the adapters live in PEFT's wrapper around the experts module,
         whose forward :mod:`hfedmoe.moe.fused_deferred` does not reproduce. Plain autograd."""

@@ -50,6 +50,14 @@ def test_analytic_model_counts_three_copies_of_trained_parameters():
     assert model.per_expert_bytes == 30 + 5
 
 
+def test_analytic_model_of_fused_experts_puts_their_gradient_in_the_base():
+    # 8 experts of 10 bytes in fused tensors: one full-size gradient (80) always, and a
+    # trained expert adds its two AdamW moments (2 x 10) plus its activations
+    model = analytic_memory_model(1000, 100, 10, 50, 5, fused_expert_bytes=80)
+    assert model.base_bytes == 1000 + 300 + 50 + 80
+    assert model.per_expert_bytes == 20 + 5
+
+
 def test_expert_budget_for_memory_and_its_errors():
     model = MemoryModel(base_bytes=1_000_000, per_expert_bytes=100_000)
     # (2.0 MB - 1.0 MB) / 0.1 MB = 10 experts

@@ -130,8 +130,10 @@ def analytic_model_for(access, batch_size: int, max_length: int) -> MemoryModel:
     # A trained expert keeps its [tokens routed, inter] activations (x2: pre/post GELU).
     top_k = getattr(access.layers[0], "top_k", 2) if hasattr(access, "layers") else 2
     activation_per_expert = 2 * (tokens * top_k // access.num_experts) * inter * 4
+    # Fused tensors trained by full fine-tuning: full-size gradients, per-slice moments.
+    fused = experts if getattr(access, "optimizer_slices_experts", False) else None
     return analytic_memory_model(weight_bytes(model), dense, int(per_expert), activation_base,
-                                 activation_per_expert)
+                                 activation_per_expert, fused_expert_bytes=fused)
 
 
 # --- calibration ------------------------------------------------------------------------

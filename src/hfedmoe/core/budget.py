@@ -66,6 +66,7 @@ def analytic_memory_model(
     expert_param_bytes: int,
     activation_base_bytes: int,
     activation_per_expert_bytes: int,
+    fused_expert_bytes: int | None = None,
 ) -> MemoryModel:
     """A first-principles estimate for AdamW in float32.
 
@@ -80,9 +81,17 @@ def analytic_memory_model(
         Parameters of one expert: a trained expert adds the same 3 x.
     activation_base_bytes, activation_per_expert_bytes : int
         Saved activations of the dense part, and of one trained expert.
+    fused_expert_bytes : int, optional
+        Every expert's bytes, when the experts are slices of fused ``[E, ...]``
+        tensors. Each MoE layer trains at least one expert, so each fused tensor holds
+        a full-size gradient: these bytes are in the base, and a trained expert adds
+        only its two AdamW moments (2 x, see hfedmoe.moe.slice_adamw).
     """
     base = weight_bytes + 3 * dense_param_bytes + activation_base_bytes
     per_expert = 3 * expert_param_bytes + activation_per_expert_bytes
+    if fused_expert_bytes is not None:
+        base += fused_expert_bytes
+        per_expert -= expert_param_bytes
     return MemoryModel(float(base), float(per_expert), "analytic")
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +162,47 @@ def test_memtrace_appends_this_process_counters_only_when_asked(tmp_path, monkey
     memtrace("here", step=3)
     row = _json.loads(path.read_text().splitlines()[-1])
     assert row["point"] == "here" and row["step"] == 3 and row["VmRSS"] > 0
+
+
+ALLOCATION_PROBE = """
+import ctypes, sys
+from hfedmoe.resources import bound_allocator
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "bound":
+    assert bound_allocator()
+big = libc.malloc(16 << 20)
+libc.free(big)  # in glibc's default mode this raises its mmap threshold to 16 MB
+block = libc.malloc(2 << 20)
+lo, hi = (int(x, 16) for x in next(l for l in open("/proc/self/maps") if "[heap]" in l).split()[0].split("-"))
+print("heap" if lo <= block < hi else "mmap")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc and glibc")
+def test_bound_allocator_keeps_megabyte_blocks_off_the_heap():
+    """The long-lived-worker fix: after a large block is freed, glibc's default puts the
+    next 2 MB block on the (fragmenting) heap; with bound_allocator it gets its own mmap."""
+    where = {mode: subprocess.run([sys.executable, "-c", ALLOCATION_PROBE, mode], capture_output=True,
+                                  text=True, check=True).stdout.strip() for mode in ("default", "bound")}
+    assert where == {"default": "heap", "bound": "mmap"}
+
+
+def test_a_client_with_a_memory_budget_bounds_the_allocator(monkeypatch):
+    from hfedmoe import client
+
+    calls = []
+    monkeypatch.setattr(client, "bound_allocator", lambda: calls.append(1) or True)
+
+    class Stop(Exception):
+        pass
+
+    class Access:
+        def load_state_dict(self, state, strict=True):
+            raise Stop
+
+    for budget, expected in ((None, 0), (10**9, 1)):
+        with pytest.raises(Stop):
+            client.client_round(RunConfig(), Access(), None, {}, 12, 1, mem_budget_bytes=budget)
+        assert len(calls) == expected

@@ -14,6 +14,7 @@ import torch
 from hfedmoe.config import RunConfig
 from hfedmoe.moe.access import MoEAccess
 from hfedmoe.policies import plan_round
+from hfedmoe.resources import bound_allocator
 from hfedmoe.task import ClientData
 from hfedmoe.train import LocalTrainConfig, LocalTrainResult, train_local
 
@@ -67,6 +68,8 @@ def client_round(
     is not resident while the client trains (the Flower client does this; callers
     that reuse one state for several clients leave it False).
     """
+    if mem_budget_bytes:
+        bound_allocator()  # peaks that stay within the memory model, round after round
     access.load_state_dict(global_state, strict=True)
     if release_global_state:
         global_state.clear()

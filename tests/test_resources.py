@@ -72,6 +72,19 @@ def test_expert_budget_for_memory_and_its_errors():
         expert_budget_for_memory(900_000, model, num_layers=6, num_experts_total=48)
 
 
+def test_headroom_plans_for_a_share_of_the_budget_and_the_minimum_says_so():
+    model = MemoryModel(base_bytes=1_000_000, per_expert_bytes=100_000)
+    # 10% headroom: plan for 1.8 MB of 2.0 MB -> (1.8 - 1.0) / 0.1 = 8 experts
+    assert expert_budget_for_memory(2_000_000, model, num_layers=6, num_experts_total=48, headroom=0.1) == 8
+    # one expert per layer needs 1.6 MB predicted, i.e. a 1.6 / 0.9 = 1.78 MB budget (shown rounded)
+    with pytest.raises(ValueError, match=r"minimum is 2 MB .*keeping 10% headroom"):
+        expert_budget_for_memory(1_700_000, model, num_layers=6, num_experts_total=48, headroom=0.1)
+    with pytest.raises(ConfigError, match="--mem-headroom"):
+        RunConfig(mem_headroom=0.5).validate()
+    with pytest.raises(ConfigError, match="--mem-headroom"):
+        RunConfig(mem_headroom=-0.01).validate()
+
+
 def test_config_rejects_conflicting_or_malformed_budgets():
     with pytest.raises(ConfigError, match="give only one"):
         RunConfig(clients=2, expert_budgets=[6, 6], mem_budgets=["1GB", "2GB"]).validate()

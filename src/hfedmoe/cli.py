@@ -36,6 +36,8 @@ _HELP = {
     "mem_budget_range": "memory budgets drawn uniformly per client (seeded), e.g. 600MB:2GB (the paper's scheme)",
     "time_budgets": "compute budget per client: seconds of local training per round, e.g. 30,30,15,15",
     "calibration": "memory calibration file from `hfedmoe calibrate` (default: the cache, when calibrated)",
+    "mem_headroom": "share of each memory budget left unplanned, for the memory model's error and the "
+                    "allocator's slow growth over long runs (0.05: plan for 95%%)",
     "round_timeout": "seconds the server waits for a round's replies; later clients count as failed",
     "max_empty_rounds": "stop after this many consecutive rounds without any usable update (0: never)",
     "dp_epsilon": "local differential privacy on each client's uploaded tensors: epsilon (0 = off)",

@@ -46,6 +46,7 @@ class RunConfig:
     mem_budget_range: str | None = None  # "600MB:2GB": seeded uniform per client (the paper's scheme)
     time_budgets: list[float] | None = None  # seconds of local training per round, per client
     calibration: str | None = None  # memory calibration file (default: the cache, if calibrated)
+    mem_headroom: float = 0.05  # share of a memory budget left unplanned (model error, allocator growth)
     resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
     round_timeout: float = 3600.0  # seconds the server waits for replies; late clients count as failed
     max_empty_rounds: int = 3  # stop after this many rounds in a row with no usable update (0: never)
@@ -160,6 +161,10 @@ class RunConfig:
                 _bytes(text, "--mem-budgets")
         if self.mem_budget_range is not None:
             self.mem_budget_bounds()
+        if isinstance(self.mem_headroom, bool) or not (isinstance(self.mem_headroom, (int, float))
+                                                       and 0.0 <= self.mem_headroom < 0.5):
+            raise ConfigError(f"--mem-headroom must lie in [0, 0.5) (a share of each memory budget, e.g. 0.05), "
+                              f"got {self.mem_headroom!r}")
         if self.time_budgets is not None:
             if len(self.time_budgets) != self.clients:
                 raise ConfigError(f"--time-budgets lists {len(self.time_budgets)} budgets for {self.clients} "

@@ -336,7 +336,7 @@ def client_budgets(cfg: RunConfig, access, node_memory: dict[int, int] | None = 
                 experts.append(default[i])
                 continue
             try:
-                experts.append(expert_budget_for_memory(mem, model, access.num_layers, total))
+                experts.append(expert_budget_for_memory(mem, model, access.num_layers, total, cfg.mem_headroom))
             except ValueError as err:
                 raise ConfigError(f"client {i}: {err}; raise its memory budget") from None
     times = cfg.time_budgets or [None] * cfg.clients

@@ -108,8 +108,14 @@ def fit_memory_model(trained_experts: list[int], peak_bytes: list[float]) -> Mem
     return MemoryModel(mean_y - slope * mean_x, max(slope, 0.0), "calibrated")
 
 
-def expert_budget_for_memory(memory_bytes: int, model: MemoryModel, num_layers: int, num_experts_total: int) -> int:
+def expert_budget_for_memory(
+    memory_bytes: int, model: MemoryModel, num_layers: int, num_experts_total: int, headroom: float = 0.0
+) -> int:
     """C_budget: the most experts per batch whose predicted peak fits ``memory_bytes``.
+
+    ``headroom``: the share of the budget left unplanned, i.e. the prediction must
+    fit ``memory_bytes * (1 - headroom)`` (room for the memory model's error and the
+    allocator's slow growth over a long run).
 
     Raises
     ------
@@ -117,19 +123,21 @@ def expert_budget_for_memory(memory_bytes: int, model: MemoryModel, num_layers: 
         When the budget cannot hold the dense part alone, or not one expert per
         MoE layer (HFedMoE's coverage rule); the message names the minimum.
     """
-    if memory_bytes < model.base_bytes:
+    usable = memory_bytes * (1.0 - headroom)
+    minimum = format_bytes(model.predict(num_layers) / (1.0 - headroom))
+    kept = f", keeping {headroom:.0%} headroom" if headroom else ""
+    if usable < model.base_bytes:
         raise ValueError(
             f"memory budget {format_bytes(memory_bytes)} is below the dense part's own need "
-            f"({format_bytes(model.base_bytes)}, {model.source} memory model): the minimum is "
-            f"{format_bytes(model.predict(num_layers))} (one expert per MoE layer)"
+            f"({format_bytes(model.base_bytes)}, {model.source} memory model{kept}): the minimum is "
+            f"{minimum} (one expert per MoE layer)"
         )
     if model.per_expert_bytes <= 0:
         return num_experts_total
-    budget = int((memory_bytes - model.base_bytes) // model.per_expert_bytes)
+    budget = int((usable - model.base_bytes) // model.per_expert_bytes)
     if budget < num_layers:
         raise ValueError(
             f"memory budget {format_bytes(memory_bytes)} fits {budget} trained experts, fewer than one per MoE "
-            f"layer ({num_layers}): the minimum is {format_bytes(model.predict(num_layers))} "
-            f"({model.source} memory model)"
+            f"layer ({num_layers}): the minimum is {minimum} ({model.source} memory model{kept})"
         )
     return min(budget, num_experts_total)

@@ -62,24 +62,30 @@ def write_data(path: Path, per_class: int = 8) -> Path:
     return path
 
 
-def one_round(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
-    """One HFedMoE round in-process: returns (old state, per-client replies' metrics, new state)."""
+def one_round_replies(cfg: RunConfig):
+    """One HFedMoE round in-process: (server access, old state, each client's reply, new state)."""
     server = make_access(build_model(cfg, pretrained=True))
     client = make_access(build_model(cfg, pretrained=False))
     budgets = cfg.budgets_for(server.num_layers, server.num_experts)
     strategy = HFedMoE(server.param_groups(), dict(enumerate(budgets)), cfg.to_json(), cfg.tau)
     state = server.state_dict()
     strategy._current = state
-    updates, metrics = [], []
+    updates, replies = [], []
     for pid in range(cfg.clients):
         reply = client_round(cfg, client, load_client_data(cfg, pid), state, budgets[pid], 1)
         assert set(reply.upload) <= set(state)
         updates.append(update_from_round(pid, reply, strategy.groups))
-        metrics.append(reply.metrics)
+        replies.append(reply)
     new = strategy.aggregate(updates)
     new.pop("__alpha__")
     server.load_state_dict(new, strict=True)
-    return state, metrics, new
+    return server, state, replies, new
+
+
+def one_round(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
+    """One HFedMoE round in-process: returns (old state, per-client replies' metrics, new state)."""
+    _, state, replies, new = one_round_replies(cfg)
+    return state, [reply.metrics for reply in replies], new
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

@@ -13,16 +13,13 @@ import pytest
 import torch
 import transformers
 
-from hfedmoe.client import client_round
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.fl.records import update_from_round
-from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe.access import make_access
 from hfedmoe.moe.hf_fused import split_expert_key
 from hfedmoe.moe.lora import LoraMoEAccess, LoraTargetError, apply_lora, attention_projections
-from hfedmoe.task import build_model, load_client_data
+from hfedmoe.task import build_model
 from test_hf_fused import FAMILIES, tiny_config
-from test_hf_models import save_family, tokenizer, write_data  # noqa: F401  (tokenizer is a fixture)
+from test_hf_models import one_round_replies, save_family, tokenizer, write_data  # noqa: F401  (tokenizer is a fixture)
 
 RANK = 2
 
@@ -248,23 +245,9 @@ def test_dense_targets_default_to_the_attention_projections():
 # --- 4. a federated round -------------------------------------------------------------------------
 
 def one_round_with_uploads(cfg: RunConfig):
-    """Like test_hf_models.one_round, also returning each client's uploaded bytes."""
-    server = make_access(build_model(cfg, pretrained=True))
-    client = make_access(build_model(cfg, pretrained=False))
-    budgets = cfg.budgets_for(server.num_layers, server.num_experts)
-    strategy = HFedMoE(server.param_groups(), dict(enumerate(budgets)), cfg.to_json(), cfg.tau)
-    state = server.state_dict()
-    strategy._current = state
-    updates, uploads = [], []
-    for pid in range(cfg.clients):
-        reply = client_round(cfg, client, load_client_data(cfg, pid), state, budgets[pid], 1)
-        assert set(reply.upload) <= set(state)
-        uploads.append(reply.upload)
-        updates.append(update_from_round(pid, reply, strategy.groups))
-    new = strategy.aggregate(updates)
-    new.pop("__alpha__")
-    server.load_state_dict(new, strict=True)
-    return server, state, uploads, new
+    """test_hf_models.one_round_replies, returning each client's upload."""
+    server, state, replies, new = one_round_replies(cfg)
+    return server, state, [reply.upload for reply in replies], new
 
 
 def nbytes(state: dict) -> int:

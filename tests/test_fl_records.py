@@ -168,6 +168,45 @@ def test_record_round_trip_without_copies():
     assert torch.equal(ArrayRecord(WIRE_TENSORS).to_torch_state_dict()["i64"], state["i64"])
 
 
+def test_ray_moves_array_data_out_of_band_and_the_receiver_reads_it_in_place():
+    """What a Ray actor call does with a message's record once hfedmoe.fl.ray_transport
+    is registered: the array data leaves the pickle as out-of-band buffers, and the
+    rebuilt arrays read those buffers without copying them."""
+    import pickle
+
+    import numpy as np
+    import ray.cloudpickle
+    import ray.util
+
+    from hfedmoe.fl.ray_transport import use_out_of_band_arrays
+
+    record = state_to_record(WIRE_TENSORS)
+    data_bytes = sum(len(a.data) for a in record.values())
+    in_band = len(ray.cloudpickle.dumps(record, protocol=5))  # nothing registered: the data in the pickle
+    assert in_band > data_bytes
+    use_out_of_band_arrays()
+    try:
+        buffers: list[pickle.PickleBuffer] = []
+        payload = ray.cloudpickle.dumps(record, protocol=5, buffer_callback=buffers.append)
+        assert len(payload) < in_band - data_bytes + 2000  # metadata only
+        assert sum(b.raw().nbytes for b in buffers) == data_bytes
+        received = ray.cloudpickle.loads(payload, buffers=[b.raw() for b in buffers])
+        sent = [np.frombuffer(b.raw(), dtype=np.uint8) for b in buffers]
+        for (key, tensor), array in zip(WIRE_TENSORS.items(), received.values()):
+            assert any(np.shares_memory(array.data, s) for s in sent)  # read in place
+            assert len(array.data) == len(record[key].data)
+            back = array_to_tensor(array)
+            assert torch.equal(back, tensor) and back.dtype == tensor.dtype
+            assert tensor.numel() == 0 or np.shares_memory(back.numpy(), array.data)  # read in place
+            assert np.array_equal(array.numpy(), tensor.numpy())  # Flower's own reader too
+        assert record_nbytes(received) == data_bytes
+        # Without a buffer callback (plain pickling, e.g. a process pool) the data stays in band.
+        again = ray.cloudpickle.loads(ray.cloudpickle.dumps(record, protocol=5))
+        assert torch.equal(array_to_tensor(again["f32"]), WIRE_TENSORS["f32"])
+    finally:
+        ray.util.deregister_serializer(Array)
+
+
 def test_finite_check_is_exact():
     from hfedmoe.fl.records import _all_finite
 

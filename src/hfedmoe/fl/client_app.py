@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 
 import torch
@@ -19,6 +20,7 @@ from hfedmoe.client import client_round
 from hfedmoe.config import RunConfig
 from hfedmoe.core.budget import parse_bytes
 from hfedmoe.fl.dp import sparse_local_dp_mod
+from hfedmoe.fl.ray_transport import use_out_of_band_arrays
 from hfedmoe.fl.records import record_to_state, state_to_record
 from hfedmoe.moe.access import make_access
 from hfedmoe.resources import memtrace
@@ -85,6 +87,8 @@ def _injected_crash(partition_id: int, server_round: int) -> bool:
 @app.train(mods=[sparse_local_dp_mod])  # local DP on the sparse upload; a no-op unless dp_epsilon > 0
 def train(msg: Message, context: Context) -> Message:
     """One local HFedMoE round (hfedmoe.client.client_round) as a Flower reply."""
+    if "ray" in sys.modules:  # a simulation worker: the reply goes back through Ray
+        use_out_of_band_arrays()
     config = msg.content["config"]
     memtrace("train-entry", round=int(config["server-round"]), budget=int(config["expert-budget"]))
     cfg, model, data = _client(str(config["run-config"]), _partition_id(context))

@@ -98,7 +98,10 @@ def array_to_tensor(array: Array) -> torch.Tensor:
     if array.stype != SType.NUMPY:
         raise ValueError(f"unsupported array serialisation {array.stype!r}")
     data = array.data
-    stream = io.BytesIO(data)  # shares ``data`` (no copy) until written to
+    # BytesIO shares a ``bytes`` object but copies any other buffer (a received array
+    # can hold a NumPy view of Ray's shared memory, see hfedmoe.fl.ray_transport):
+    # parse the header from its own bytes.
+    stream = io.BytesIO(data if isinstance(data, bytes) else _npy_header(data))
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -110,14 +113,25 @@ def array_to_tensor(array: Array) -> torch.Tensor:
         raise ValueError("object arrays are not accepted")
     offset = stream.tell()
     count = math.prod(shape)
-    if len(data) != offset + count * dtype.itemsize:
-        raise ValueError(f"array data holds {len(data) - offset} bytes, its header says {count * dtype.itemsize}")
+    nbytes = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+    if nbytes != offset + count * dtype.itemsize:
+        raise ValueError(f"array data holds {nbytes - offset} bytes, its header says {count * dtype.itemsize}")
     if fortran_order:  # never produced by this project; take numpy's own path
         return torch.from_numpy(array.numpy().copy(order="C"))
     values = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(values)
+
+
+def _npy_header(data) -> bytes:
+    """The .npy header of the buffer ``data`` (magic, version, length, dict) as bytes."""
+    view = memoryview(data).cast("B")
+    if len(view) < 10:
+        raise ValueError("array data is shorter than a .npy header")
+    length_bytes = 2 if view[6] == 1 else 4  # format 1.0: uint16 length; 2.0 and 3.0: uint32
+    size = int.from_bytes(view[8:8 + length_bytes], "little")
+    return bytes(view[:8 + length_bytes + size])
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:

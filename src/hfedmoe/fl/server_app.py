@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from logging import INFO
 from typing import Protocol
@@ -16,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.fl.ray_transport import use_out_of_band_arrays
 from hfedmoe.fl.records import state_to_record
 from hfedmoe.fl.strategy import HFedMoE, RunAborted
 from hfedmoe.moe.access import make_access
@@ -191,6 +193,8 @@ def make_server_app(cfg: RunConfig | None = None, reporter: Reporter | None = No
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        if "ray" in sys.modules:  # the simulation engine: messages cross to the clients through Ray
+            use_out_of_band_arrays()
         if cfg is not None:
             run_server(grid, cfg, reporter)
         else:

@@ -32,10 +32,15 @@ def _check_num_examples(num_examples: Sequence[int], num_clients: int, what: str
 
 
 def _weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float], like: Tensor) -> Tensor:
-    """sum_c weights[c] * tensors[c], accumulated in float64, cast to ``like``'s dtype."""
+    """sum_c weights[c] * tensors[c], accumulated in float64, cast to ``like``'s dtype.
+
+    ``add_`` with ``alpha`` converts each element to float64 as it reads it: no
+    float64 copy of every client tensor (the server's aggregation took twice as
+    long with those temporaries).
+    """
     acc = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
     for t, w in zip(tensors, weights):
-        acc += float(w) * t.to(device=like.device, dtype=torch.float64)
+        acc.add_(t.to(device=like.device), alpha=float(w))
     return acc.to(like.dtype)
 
 

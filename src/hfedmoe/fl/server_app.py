@@ -132,7 +132,8 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
 
     start_round = recorder.resume_round
     strategy.round_offset = start_round
-    checkpoint_s: list[float] = []  # the last checkpoint's write time, reported in the next row
+    checkpoint_s: list[float] = []  # time the server spent handing over the last checkpoint (the write runs
+    # in the background; this includes waiting for the previous one), reported in the next row
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if start_round and server_round == 0:

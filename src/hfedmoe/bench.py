@@ -13,7 +13,8 @@ the other, so it holds on a noisy shared machine:
    PyTorch loop in one process (same clients, same steps, same aggregation and
    evaluation); engine start-up is reported separately;
 4. (full mode) scaling of the round time with 2, 4, 8, 16 clients at fixed local
-   steps, and of the server's aggregation time with 8..64 experts per layer.
+   steps, and of the server's aggregation time with 8..64 experts per layer;
+5. (full mode) peak training memory and step time vs the expert budget.
 """
 
 from __future__ import annotations
@@ -202,6 +203,28 @@ def aggregation_scaling(experts_per_layer: list[int], clients: int = 4) -> list[
     return out
 
 
+def budget_scaling(cfg: RunConfig, log=print) -> list[dict]:
+    """Peak training memory and step time vs the expert budget (the resources figures).
+
+    Budgets: one expert per layer (the minimum), a quarter, half and all of the
+    experts, trained per batch. Each peak is measured in a fresh process and the step
+    times in one process with the budgets interleaved (:func:`hfedmoe.resources.calibrate`);
+    ``*_vs_all`` are the ratios to training every expert.
+    """
+    from hfedmoe.resources import calibrate
+
+    access = make_access(build_model(cfg, pretrained=False))
+    layers, total = access.num_layers, access.num_layers * access.num_experts
+    counts = sorted({layers, max(layers, total // 4), max(layers, total // 2), total})
+    del access
+    points = calibrate(cfg, counts, steps=4, log=log)["points"]
+    full = next(p for p in points if p["trained_experts"] == total)
+    return [{"trained_experts": p["trained_experts"], "fraction": round(p["trained_experts"] / total, 3),
+             "peak_mb": round(p["peak_bytes"] / 1e6, 1), "step_s": round(p["step_s"], 3),
+             "peak_vs_all": round(p["peak_bytes"] / full["peak_bytes"], 3),
+             "step_vs_all": round(p["step_s"] / full["step_s"], 3)} for p in points]
+
+
 def run_bench(quick: bool = True, out_dir: Path | None = None, log=print) -> dict:
     """Measure the figures; returns them as a flat dict (the JSON line)."""
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="hfedmoe-bench-"))
@@ -248,6 +271,9 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print) -> dic
     if not quick:
         log(f"main figures so far in {partial}; scaling: aggregation time vs experts per layer ...")
         result["aggregation_scaling"] = aggregation_scaling([8, 16, 32, 64])
+        partial.write_text(json.dumps(result, indent=1) + "\n")
+        log("memory and step time vs expert budget (fresh process per budget) ...")
+        result["budget_scaling"] = budget_scaling(cfg, log=lambda line: log(line))
         partial.write_text(json.dumps(result, indent=1) + "\n")
         log("scaling: round time vs number of clients ...")
         scaling = result["clients_scaling"] = []

@@ -168,10 +168,12 @@ def test_record_round_trip_without_copies():
     assert torch.equal(ArrayRecord(WIRE_TENSORS).to_torch_state_dict()["i64"], state["i64"])
 
 
-def test_ray_moves_array_data_out_of_band_and_the_receiver_reads_it_in_place():
+@pytest.mark.parametrize("receiver", ["view", "copy"])
+def test_ray_moves_array_data_out_of_band(receiver):
     """What a Ray actor call does with a message's record once hfedmoe.fl.ray_transport
-    is registered: the array data leaves the pickle as out-of-band buffers, and the
-    rebuilt arrays read those buffers without copying them."""
+    is registered: the array data leaves the pickle as out-of-band buffers; the
+    receiver reads them in place ("view", a client) or copies them into bytes ("copy",
+    the server, which holds every reply of a round)."""
     import pickle
 
     import numpy as np
@@ -184,7 +186,7 @@ def test_ray_moves_array_data_out_of_band_and_the_receiver_reads_it_in_place():
     data_bytes = sum(len(a.data) for a in record.values())
     in_band = len(ray.cloudpickle.dumps(record, protocol=5))  # nothing registered: the data in the pickle
     assert in_band > data_bytes
-    use_out_of_band_arrays()
+    use_out_of_band_arrays(receiver)
     try:
         buffers: list[pickle.PickleBuffer] = []
         payload = ray.cloudpickle.dumps(record, protocol=5, buffer_callback=buffers.append)
@@ -193,11 +195,13 @@ def test_ray_moves_array_data_out_of_band_and_the_receiver_reads_it_in_place():
         received = ray.cloudpickle.loads(payload, buffers=[b.raw() for b in buffers])
         sent = [np.frombuffer(b.raw(), dtype=np.uint8) for b in buffers]
         for (key, tensor), array in zip(WIRE_TENSORS.items(), received.values()):
-            assert any(np.shares_memory(array.data, s) for s in sent)  # read in place
+            in_place = any(np.shares_memory(np.frombuffer(array.data, np.uint8), s) for s in sent)
+            assert in_place == (receiver == "view")
+            assert isinstance(array.data, bytes) == (receiver == "copy")
             assert len(array.data) == len(record[key].data)
             back = array_to_tensor(array)
             assert torch.equal(back, tensor) and back.dtype == tensor.dtype
-            assert tensor.numel() == 0 or np.shares_memory(back.numpy(), array.data)  # read in place
+            assert tensor.numel() == 0 or np.shares_memory(back.numpy(), np.frombuffer(array.data, np.uint8))
             assert np.array_equal(array.numpy(), tensor.numpy())  # Flower's own reader too
         assert record_nbytes(received) == data_bytes
         # Without a buffer callback (plain pickling, e.g. a process pool) the data stays in band.

@@ -87,8 +87,8 @@ def _injected_crash(partition_id: int, server_round: int) -> bool:
 @app.train(mods=[sparse_local_dp_mod])  # local DP on the sparse upload; a no-op unless dp_epsilon > 0
 def train(msg: Message, context: Context) -> Message:
     """One local HFedMoE round (hfedmoe.client.client_round) as a Flower reply."""
-    if "ray" in sys.modules:  # a simulation worker: the reply goes back through Ray
-        use_out_of_band_arrays()
+    if "ray" in sys.modules:  # a simulation worker: the reply goes back through Ray, and the
+        use_out_of_band_arrays("copy")  # server copies it out of Ray's store (it holds all replies)
     config = msg.content["config"]
     memtrace("train-entry", round=int(config["server-round"]), budget=int(config["expert-budget"]))
     cfg, model, data = _client(str(config["run-config"]), _partition_id(context))

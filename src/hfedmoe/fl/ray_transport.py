@@ -16,12 +16,12 @@ link state and actors are unchanged; only how Ray moves the bytes. Only Ray's ow
 pickler is affected (plain ``pickle`` and Flower's protobuf path for the deployment
 engine are not).
 
-A received ``Array`` then holds a read-only ``numpy.uint8`` array over Ray's shared
-memory instead of ``bytes``: it has the same length and buffer, and
+A client's received ``Array`` holds a read-only ``numpy.uint8`` array over Ray's
+shared memory instead of ``bytes``: it has the same length and buffer, and
 :func:`hfedmoe.fl.records.array_to_tensor`, ``Array.numpy()`` and ``len(array.data)``
-read it as they read ``bytes``. The shared memory is released when the last view of it
-is dropped (the client drops the received model once loaded; the server drops the
-replies after aggregating them).
+read it as they read ``bytes``; the memory is released when the client drops the
+received model, once loaded. The server copies each reply into ``bytes`` on arrival
+(see :func:`use_out_of_band_arrays`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def _array_parts(array: Array) -> tuple[str, tuple[int, ...], str, np.ndarray]:
     return array.dtype, tuple(array.shape), array.stype, np.frombuffer(array.data, dtype=np.uint8)
 
 
-def _array_from_parts(parts: tuple[str, tuple[int, ...], str, np.ndarray]) -> Array:
-    """The ``Array`` again, its data a view of the received buffer (no copy)."""
+def _array_viewing_parts(parts: tuple[str, tuple[int, ...], str, np.ndarray]) -> Array:
+    """The ``Array`` again, its data a read-only view of the received buffer (no copy)."""
     dtype, shape, stype, data = parts
     array = Array(dtype=dtype, shape=shape, stype=stype, data=b"")
     # Array() accepts only bytes; its fields are plain attributes (Flower's own
@@ -46,14 +46,30 @@ def _array_from_parts(parts: tuple[str, tuple[int, ...], str, np.ndarray]) -> Ar
     return array
 
 
-def use_out_of_band_arrays() -> None:
-    """Make Ray move Flower ``Array`` data out of band in this process (idempotent).
+def _array_copying_parts(parts: tuple[str, tuple[int, ...], str, np.ndarray]) -> Array:
+    """The ``Array`` again with its data copied out of the received buffer into ``bytes``."""
+    dtype, shape, stype, data = parts
+    return Array(dtype=dtype, shape=shape, stype=stype, data=data.tobytes())
+
+
+def use_out_of_band_arrays(receiver: str) -> None:
+    """Make Ray move the ``Array`` data this process sends out of band (idempotent).
+
+    Ray pickles a registered reducer's rebuild function with the data, so the
+    *sender* decides how the receiver rebuilds an array:
+
+    - ``receiver="view"`` (the server, sending the global model): the client reads it
+      in place and drops it as soon as it is loaded into its model;
+    - ``receiver="copy"`` (a client, sending its reply): the server copies each reply
+      out of Ray's object store into ``bytes`` as it arrives, because it holds every
+      reply of a round until aggregation; left in the store, 16 replies of the
+      embedded model (3.9 GB) filled it and Ray fell back to disk-backed files.
 
     Called by the server app and the client app whenever Ray is loaded (Flower's
-    simulation engine, from ``hfedmoe run`` or ``flwr run``): the server's process
-    pickles the messages to the clients, each Ray worker pickles its replies. The
-    deployment engine (no Ray) never calls it.
+    simulation engine, from ``hfedmoe run`` or ``flwr run``). The deployment engine
+    (no Ray) never calls it.
     """
     import ray.util
 
-    ray.util.register_serializer(Array, serializer=_array_parts, deserializer=_array_from_parts)
+    rebuild = {"view": _array_viewing_parts, "copy": _array_copying_parts}[receiver]
+    ray.util.register_serializer(Array, serializer=_array_parts, deserializer=rebuild)

@@ -194,8 +194,8 @@ def make_server_app(cfg: RunConfig | None = None, reporter: Reporter | None = No
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        if "ray" in sys.modules:  # the simulation engine: messages cross to the clients through Ray
-            use_out_of_band_arrays()
+        if "ray" in sys.modules:  # the simulation engine: the model crosses to each client through Ray,
+            use_out_of_band_arrays("view")  # which reads it in place
         if cfg is not None:
             run_server(grid, cfg, reporter)
         else:

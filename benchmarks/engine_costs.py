@@ -1,0 +1,118 @@
+"""Two costs of Flower's simulation engine that no message or checkpoint explains
+(issue 8, BENCHMARKS.md): measured here in isolation, each as a ratio within one run.
+
+    python benchmarks/engine_costs.py [--part=ray-idle] [--part=thread]
+
+ray-idle: local training (the quick bench's client workload, 8 steps) in this
+    process, alone and then with an idle Ray node up as Flower's simulation starts it
+    (same ray.init arguments as hfedmoe.fl.simulation, one idle actor holding both
+    cores), alternated twice; prints the ratio ray-up / alone per repetition and the CPU
+    seconds Ray's own processes used meanwhile. In the simulation every client trains
+    next to those processes; the bare loop does not.
+thread: the server's evaluation of the embedded model in the main thread and in a
+    second thread (Flower runs the ServerApp in a thread of its own), alternated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from hfedmoe.bench import quick_config
+from hfedmoe.fl.processes import descendants
+from hfedmoe.task import build_model, endless, load_client_data, load_test_batches
+from hfedmoe.train import LocalTrainConfig, evaluate, set_torch_threads, train_local
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def ray_idle(repeats: int = 2, samples: int = 4) -> dict:
+    import ray
+
+    cfg = quick_config(Path("/tmp/hfedmoe-engine-costs"))
+    set_torch_threads()
+    model = build_model(cfg, pretrained=False)
+    batches = endless(load_client_data(cfg, 0).batches)
+    local = LocalTrainConfig(local_steps=8, lr=cfg.lr, lam=cfg.lam, beta=cfg.beta)
+
+    def median_train_s() -> float:
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            train_local(model, batches, 12, local)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    median_train_s()  # warm-up
+    out = []
+    cores = os.cpu_count() or 1
+    for _ in range(repeats):
+        alone = median_train_s()
+        ray.init(num_cpus=cores, num_gpus=0, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=True)
+
+        @ray.remote(num_cpus=cores)
+        class Idle:
+            def ping(self) -> int:
+                return 1
+
+        actor = Idle.remote()
+        ray.get(actor.ping.remote())
+        time.sleep(3)
+        pids = descendants()
+        cpu0, wall0 = _cpu_seconds(pids), time.perf_counter()
+        with_ray = median_train_s()
+        ray_cpu = _cpu_seconds(pids) - cpu0
+        wall = time.perf_counter() - wall0
+        ray.shutdown()
+        time.sleep(2)
+        out.append({"alone_s": round(alone, 3), "ray_up_s": round(with_ray, 3), "ratio": round(with_ray / alone, 3),
+                    "ray_cpu_share_of_one_core": round(ray_cpu / wall, 3)})
+        print(out[-1], flush=True)
+    return {"ray_idle": out}
+
+
+def thread(repeats: int = 3) -> dict:
+    cfg = quick_config(Path("/tmp/hfedmoe-engine-costs"))
+    set_torch_threads()
+    model = build_model(cfg, pretrained=True)
+    test = load_test_batches(cfg)
+    times: dict[str, list[float]] = {"main": [], "thread": []}
+
+    def timed(where: str) -> None:
+        start = time.perf_counter()
+        evaluate(model, test, task=cfg.task)
+        times[where].append(time.perf_counter() - start)
+
+    timed("main")  # warm-up
+    times["main"].clear()
+    for _ in range(repeats):
+        timed("main")
+        worker = threading.Thread(target=timed, args=("thread",))
+        worker.start()
+        worker.join()
+    result = {k: [round(x, 3) for x in v] for k, v in times.items()}
+    result["ratio_of_medians"] = round(statistics.median(times["thread"]) / statistics.median(times["main"]), 3)
+    print(result, flush=True)
+    return {"thread": result}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parts = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--part=")] or ["ray-idle", "thread"]
+    for part in parts:
+        {"ray-idle": ray_idle, "thread": thread}[part]()

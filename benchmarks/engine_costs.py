@@ -1,7 +1,7 @@
 """Two costs of Flower's simulation engine that no message or checkpoint explains
 (issue 8, BENCHMARKS.md): measured here in isolation, each as a ratio within one run.
 
-    python benchmarks/engine_costs.py [--part=ray-idle [--renice]] [--part=thread]
+    python benchmarks/engine_costs.py [--part=ray-idle [--renice]] [--part=thread] [--part=thread-alone]
 
 ray-idle: local training (the quick bench's client workload, 8 steps) in this
     process, alone and then with an idle Ray node up as Flower's simulation starts it
@@ -11,7 +11,11 @@ ray-idle: local training (the quick bench's client workload, 8 steps) in this
     next to those processes; the bare loop does not. --renice: Ray's own processes
     (not its workers) at niceness 19.
 thread: the server's evaluation of the embedded model in the main thread and in a
-    second thread (Flower runs the ServerApp in a thread of its own), alternated.
+    second thread of the same process, alternated (so both threads have run parallel
+    torch work).
+thread-alone: the same, each side in a fresh process where only that thread ever runs
+    torch (as in the simulation's server process, whose main thread runs Flower's
+    engine), alternated twice.
 """
 
 from __future__ import annotations
@@ -124,11 +128,59 @@ def thread(repeats: int = 3) -> dict:
     return {"thread": result}
 
 
+def _evaluate_alone(where: str) -> None:
+    """Build the model and evaluate it 3 times, all in the main thread or all in a second
+    thread (nothing parallel ever runs in the other); prints the times."""
+    def work() -> None:
+        cfg = quick_config(Path("/tmp/hfedmoe-engine-costs"))
+        set_torch_threads()
+        model = build_model(cfg, pretrained=True)
+        test = load_test_batches(cfg)
+        evaluate(model, test, task=cfg.task)  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            evaluate(model, test, task=cfg.task)
+            times.append(time.perf_counter() - start)
+        print(statistics.median(times), flush=True)
+
+    if where == "main":
+        work()
+    else:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+
+
+def thread_alone(repeats: int = 2) -> dict:
+    """Like ``thread``, but each side in its own fresh process (alternated), so the second
+    thread is the only one that ever ran parallel torch work, as in the simulation's
+    server process (its main thread runs Flower's engine, no torch)."""
+    import subprocess
+
+    medians: dict[str, list[float]] = {"main": [], "thread": []}
+    for _ in range(repeats):
+        for where in ("main", "thread"):
+            out = subprocess.run([sys.executable, __file__, f"--alone={where}"], capture_output=True, text=True,
+                                 check=True).stdout
+            medians[where].append(round(float(out.strip().splitlines()[-1]), 3))
+    result = {**medians, "ratio_of_means": round(statistics.mean(medians["thread"]) / statistics.mean(medians["main"]), 3)}
+    print(result, flush=True)
+    return {"thread_alone": result}
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parts = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--part=")] or ["ray-idle", "thread"]
+    alone = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--alone=")]
+    if alone:
+        _evaluate_alone(alone[0])
+        sys.exit(0)
+    parts = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--part=")] or ["ray-idle", "thread",
+                                                                                       "thread-alone"]
     for part in parts:
         if part == "ray-idle":
             ray_idle(renice="--renice" in sys.argv)
+        elif part == "thread-alone":
+            thread_alone()
         else:
             thread()

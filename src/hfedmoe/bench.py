@@ -273,7 +273,7 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print) -> dic
         result["aggregation_scaling"] = aggregation_scaling([8, 16, 32, 64])
         partial.write_text(json.dumps(result, indent=1) + "\n")
         log("memory and step time vs expert budget (fresh process per budget) ...")
-        result["budget_scaling"] = budget_scaling(cfg, log=lambda line: log(line))
+        result["budget_scaling"] = budget_scaling(cfg, log=log)
         partial.write_text(json.dumps(result, indent=1) + "\n")
         log("scaling: round time vs number of clients ...")
         scaling = result["clients_scaling"] = []

@@ -1,7 +1,7 @@
 """Step time and peak memory of a fused-expert (transformers 5.x) Mixtral by experts trained
 per batch, plain autograd vs the deferred expert backward (hfedmoe.moe.fused_deferred).
 
-Runs hfedmoe.train.train_local (the client's real loop) on a random-weight Mixtral built
+Runs hfedmoe.training.train_local (the client's real loop) on a random-weight Mixtral built
 from a config (no download), causal-LM loss on random tokens. Budgets 100%, 50%, 25% of
 the L x E experts; each constrained budget with ``deferred_backward`` on and off. The
 configurations are interleaved in ONE process, ``--repeats`` times, so machine noise
@@ -22,7 +22,7 @@ import transformers
 
 from hfedmoe.moe.access import make_access
 from hfedmoe.task import HFCausalLM
-from hfedmoe.train import LocalTrainConfig, set_torch_threads, train_local
+from hfedmoe.training import LocalTrainConfig, set_torch_threads, train_local
 
 
 def build(args) -> HFCausalLM:

@@ -1,6 +1,6 @@
 """Where a local training step's time goes, by experts trained per batch (issue 5).
 
-Runs HFedMoE's local step (hfedmoe.train.train_local's loop body, same calls) on the
+Runs HFedMoE's local step (hfedmoe.training.train_local's loop body, same calls) on the
 embedded model and times its phases:
 
 - forward: model forward + loss + aux loss; of which ``moe_fwd`` inside the MoE blocks
@@ -34,7 +34,7 @@ from hfedmoe.config import RunConfig
 from hfedmoe.moe import layers as moe_layers
 from hfedmoe.moe.access import make_access
 from hfedmoe.task import build_model, endless, load_client_data
-from hfedmoe.train import LocalTrainConfig, hfedmoe_policy, make_optimizer, set_torch_threads
+from hfedmoe.training import LocalTrainConfig, hfedmoe_policy, make_optimizer, set_torch_threads
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -118,7 +118,7 @@ def main() -> None:
                 candidates = dispatch.any(dim=1).any(dim=0)
                 s_b = core.importance(gates, lam=local.lam)
                 i_b = core.ib_score(gates, lam=local.lam, beta=local.beta)
-                from hfedmoe.train import BatchRouting
+                from hfedmoe.training import BatchRouting
 
                 selected = policy(BatchRouting(gates, candidates, s_b, i_b, n, step))
                 t2 = time.perf_counter()

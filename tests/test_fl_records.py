@@ -13,7 +13,7 @@ from hfedmoe.config import RunConfig
 from hfedmoe.fl.records import (
     ReplyError,
     array_to_tensor,
-    parse_reply,
+    parse_upload,
     record_nbytes,
     record_to_state,
     state_to_record,
@@ -99,7 +99,7 @@ def to_reply(to: Message, parts: dict) -> Message:
     return Message(RecordDict(records), reply_to=to)
 
 
-# --- parse_reply ------------------------------------------------------------------------
+# --- parse_upload ------------------------------------------------------------------------
 
 def test_reply_metadata_names_the_client_node():
     reply = to_reply(instruction(NODE_A), {})
@@ -111,15 +111,16 @@ def test_parse_reply_accepts_and_splits_a_wellformed_reply(tiny):
     client = perturbed(state, 1)
     parts = reply_content(groups, client, [(0, 0), (1, 2)], num_examples=17, stat=stats(5))
     msg = to_reply(instruction(NODE_A), parts)
-    update = parse_reply(msg, groups, state)
+    received = parse_upload(msg, groups, state)
+    update = received.upload
 
-    assert update.node_id == NODE_A
+    assert received.node_id == NODE_A
     assert update.partition_id == 3
     assert update.num_examples == 17
-    assert set(update.experts) == set(groups.experts[(0, 0)]) | set(groups.experts[(1, 2)])
-    assert set(update.routers) == set(groups.routers)
-    assert set(update.dense) == set(groups.dense)
-    for part in (update.experts, update.routers, update.dense):
+    assert set(update.experts(groups)) == set(groups.experts[(0, 0)]) | set(groups.experts[(1, 2)])
+    assert set(update.routers(groups)) == set(groups.routers)
+    assert set(update.dense(groups)) == set(groups.dense)
+    for part in (update.experts(groups), update.routers(groups), update.dense(groups)):
         for k, v in part.items():
             assert torch.equal(v, client[k])
     torch.testing.assert_close(update.usage, stats(5)["usage"])
@@ -128,8 +129,8 @@ def test_parse_reply_accepts_and_splits_a_wellformed_reply(tiny):
     # Array.data is the serialized (.npy) payload: tensor bytes plus a small header per tensor.
     n_tensors = len(parts["arrays"]) + len(parts["stats"])
     raw = sum(v.numel() * v.element_size() for v in [*parts["arrays"].values(), *parts["stats"].values()])
-    assert update.bytes_up == record_nbytes(ArrayRecord(parts["arrays"])) + record_nbytes(ArrayRecord(parts["stats"]))
-    assert raw <= update.bytes_up <= raw + 256 * n_tensors
+    assert received.bytes_up == record_nbytes(ArrayRecord(parts["arrays"])) + record_nbytes(ArrayRecord(parts["stats"]))
+    assert raw <= received.bytes_up <= raw + 256 * n_tensors
 
 
 WIRE_TENSORS = {
@@ -212,16 +213,16 @@ def test_ray_moves_array_data_out_of_band(receiver):
 
 
 def test_finite_check_is_exact():
-    from hfedmoe.fl.records import _all_finite
+    from hfedmoe.fl.records import all_finite
 
     big = torch.full((4,), 3e38)  # every value finite, their float32 sum is not
-    assert _all_finite(big) and _all_finite(torch.full((9,), 60000.0).half())
+    assert all_finite(big) and all_finite(torch.full((9,), 60000.0).half())
     for bad in (float("nan"), float("inf"), -float("inf")):
         for dtype in (torch.float32, torch.float16, torch.float64):
             value = torch.zeros(5, dtype=dtype)
             value[3] = bad
-            assert not _all_finite(value)
-            assert not _all_finite(torch.cat([big.to(dtype) if dtype != torch.float16 else value, value]))
+            assert not all_finite(value)
+            assert not all_finite(torch.cat([big.to(dtype) if dtype != torch.float16 else value, value]))
 
 
 def test_unreadable_array_is_a_reply_error(tiny):
@@ -232,7 +233,7 @@ def test_unreadable_array_is_a_reply_error(tiny):
     good = msg.content["arrays"][key]
     msg.content["arrays"][key] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
     with pytest.raises(ReplyError, match=f"node {NODE_A} holds an unreadable array"):
-        parse_reply(msg, groups, state)
+        parse_upload(msg, groups, state)
     with pytest.raises(ValueError, match="unsupported .npy format|magic"):
         array_to_tensor(Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=b"not an npy payload"))
 
@@ -310,7 +311,7 @@ def test_parse_reply_rejects_malformed_replies(tiny, breaker, message):
     breaker(parts, groups)
     msg = to_reply(instruction(NODE_B), parts)
     with pytest.raises(ReplyError, match=message) as info:
-        parse_reply(msg, groups, state)
+        parse_upload(msg, groups, state)
     assert f"node {NODE_B}" in str(info.value)
 
 
@@ -318,7 +319,7 @@ def test_parse_reply_rejects_an_error_reply(tiny):
     groups, state = tiny
     msg = Message(Error(code=0, reason="out of memory"), reply_to=instruction(NODE_C))
     with pytest.raises(ReplyError, match=f"node {NODE_C} failed: out of memory"):
-        parse_reply(msg, groups, state)
+        parse_upload(msg, groups, state)
 
 
 # --- HFedMoE strategy -------------------------------------------------------------------
@@ -449,7 +450,7 @@ def test_aggregate_train_with_no_usable_reply_keeps_the_model(tiny):
     assert info["alpha"] == [] and info["clients"] == []
     # the strategy's view of the global model is untouched: a later round still
     # aggregates against the state it sent
-    assert all(torch.equal(strategy._current[k], state[k]) for k in state)
+    assert all(torch.equal(strategy.global_state[k], state[k]) for k in state)
     messages2, (a2_state, a2), (b2_state, b2) = _round(groups, state, strategy, server_round=2)
     arrays, _ = strategy.aggregate_train(2, [to_reply(messages2[NODE_A], a2), to_reply(messages2[NODE_B], b2)])
     _check_two_client_aggregate(groups, state, arrays.to_torch_state_dict(), a2_state, b2_state)

@@ -122,7 +122,7 @@ def test_layouts_other_than_the_eager_gated_mlp_keep_plain_autograd():
 def test_a_constrained_local_round_runs_deferred_and_keeps_unselected_slices(monkeypatch):
     """train_local switches the deferred path on for a constrained budget (and off after)."""
     from hfedmoe.task import HFCausalLM
-    from hfedmoe.train import LocalTrainConfig, train_local
+    from hfedmoe.training import LocalTrainConfig, train_local
 
     model = HFCausalLM(tiny_model("qwen2_moe"))
     access = make_access(model)

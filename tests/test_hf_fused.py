@@ -443,7 +443,7 @@ def test_selection_shape_is_checked(tmp_path):
 @pytest.mark.parametrize("deferred", [False, True], ids=["autograd", "deferred"])
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
 def test_the_trainers_step_sequence_keeps_unselected_slices(name, deferred, tmp_path):
-    """What hfedmoe.train.train_local does per batch, without passing the optimizer."""
+    """What hfedmoe.training.train_local does per batch, without passing the optimizer."""
     model = load_tiny(name, tmp_path)
     model.train()
     access = make_access(model)
@@ -508,11 +508,11 @@ def test_a_wrapped_classification_head_is_new_too(tmp_path):
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_the_trainers_optimizer_moves_and_keeps_moments_for_selected_slices_only(name, tmp_path):
-    """hfedmoe.train.make_optimizer builds an ExpertSliceAdamW for fused layouts: under
+    """hfedmoe.training.make_optimizer builds an ExpertSliceAdamW for fused layouts: under
     freeze_unselected it updates only the selected slices and holds no moments for the
     others (a constrained client's optimizer memory scales with its budget)."""
     from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
-    from hfedmoe.train import LocalTrainConfig, make_optimizer
+    from hfedmoe.training import LocalTrainConfig, make_optimizer
 
     model = load_tiny(name, tmp_path)
     model.train()

@@ -19,10 +19,10 @@ import pytest
 import torch
 import transformers
 
-from hfedmoe.client import client_round
+from hfedmoe.client_round import client_round
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.data import embedded_tokenizer_path, load_bbc_news, load_tokenizer
-from hfedmoe.fl.records import update_from_round
+from hfedmoe.fl.records import ReceivedUpload
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe.access import make_access
 from hfedmoe.task import build_model, load_client_data, moe_shape
@@ -69,12 +69,12 @@ def one_round_replies(cfg: RunConfig):
     budgets = cfg.budgets_for(server.num_layers, server.num_experts)
     strategy = HFedMoE(server.param_groups(), dict(enumerate(budgets)), cfg.to_json(), cfg.tau)
     state = server.state_dict()
-    strategy._current = state
+    strategy.set_global_state(state)
     updates, replies = [], []
     for pid in range(cfg.clients):
         reply = client_round(cfg, client, load_client_data(cfg, pid), state, budgets[pid], 1)
-        assert set(reply.upload) <= set(state)
-        updates.append(update_from_round(pid, reply, strategy.groups))
+        assert set(reply.tensors) <= set(state)
+        updates.append(ReceivedUpload.in_process(pid, reply))
         replies.append(reply)
     new = strategy.aggregate(updates)
     new.pop("__alpha__")

@@ -247,7 +247,7 @@ def test_dense_targets_default_to_the_attention_projections():
 def one_round_with_uploads(cfg: RunConfig):
     """test_hf_models.one_round_replies, returning each client's upload."""
     server, state, replies, new = one_round_replies(cfg)
-    return server, state, [reply.upload for reply in replies], new
+    return server, state, [reply.tensors for reply in replies], new
 
 
 def nbytes(state: dict) -> int:
@@ -351,7 +351,7 @@ def test_baselines_run_on_lora_adapters(method, tmp_path, tokenizer):  # noqa: F
 
 
 def test_analytic_memory_model_counts_only_trainable_expert_bytes(tmp_path, tokenizer):  # noqa: F811
-    from hfedmoe.resources import analytic_model_for
+    from hfedmoe.budgets import analytic_model_for
 
     model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
     common = dict(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",

@@ -19,8 +19,9 @@ from hfedmoe.core.budget import (
     parse_bytes,
 )
 from hfedmoe.moe.access import ModularMoEAccess
-from hfedmoe.resources import PeakMemory, client_budgets, memory_budgets
-from hfedmoe.train import LocalTrainConfig, train_local
+from hfedmoe.budgets import client_budgets, memory_budgets
+from hfedmoe.training.memory import PeakMemory
+from hfedmoe.training import LocalTrainConfig, train_local
 from test_moe import L, S, tiny_moe
 
 
@@ -165,7 +166,7 @@ def test_training_memory_report_includes_the_weights():
 def test_memtrace_appends_this_process_counters_only_when_asked(tmp_path, monkeypatch):
     import json as _json
 
-    from hfedmoe.resources import memtrace
+    from hfedmoe.training.memory import memtrace
 
     path = tmp_path / "trace.jsonl"
     monkeypatch.delenv("HFEDMOE_MEMTRACE", raising=False)
@@ -179,7 +180,7 @@ def test_memtrace_appends_this_process_counters_only_when_asked(tmp_path, monkey
 
 ALLOCATION_PROBE = """
 import ctypes, sys
-from hfedmoe.resources import bound_allocator
+from hfedmoe.training.memory import bound_allocator
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -203,7 +204,7 @@ def test_bound_allocator_keeps_megabyte_blocks_off_the_heap():
 
 
 def test_a_client_with_a_memory_budget_bounds_the_allocator(monkeypatch):
-    from hfedmoe import client
+    from hfedmoe import client_round as client
 
     calls = []
     monkeypatch.setattr(client, "bound_allocator", lambda: calls.append(1) or True)

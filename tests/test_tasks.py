@@ -18,7 +18,7 @@ import torch
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.data import encode_choices, encode_instructions, load_bbc_news
 from hfedmoe.data.files import load_choice_file, load_instruction_file
-from hfedmoe.objectives import CausalLM, MultipleChoice
+from hfedmoe.training.objectives import CausalLM, MultipleChoice
 from hfedmoe.task import (
     DataSpec,
     LabelWordsClassifier,
@@ -29,7 +29,7 @@ from hfedmoe.task import (
     load_test_batches,
     model_spec,
 )
-from hfedmoe.train import evaluate
+from hfedmoe.training import evaluate
 from test_hf_models import one_round, save_family, tokenizer, write_data  # noqa: F401 (fixture)
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]

@@ -1,4 +1,4 @@
-"""The local HFedMoE round (hfedmoe.train.train_local) and evaluation, on a tiny model."""
+"""The local HFedMoE round (hfedmoe.training.train_local) and evaluation, on a tiny model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import transformers
 from hfedmoe import core
 from hfedmoe.moe.access import ModularMoEAccess
 from hfedmoe.moe.upcycle import MoEClassifier, upcycle_bert_layers
-from hfedmoe.train import LocalTrainConfig, evaluate, make_optimizer, train_local
+from hfedmoe.training import LocalTrainConfig, evaluate, make_optimizer, train_local
 
 L, S, K, VOCAB, LABELS = 2, 4, 2, 100, 3
 

@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 
-from hfedmoe.client import client_round
+from hfedmoe.budgets import calibrate
+from hfedmoe.client_round import ClientUpload, client_round
 from hfedmoe.config import RunConfig
-from hfedmoe.fl.records import ClientUpdate, raw_nbytes, update_from_round
+from hfedmoe.fl.records import ReceivedUpload, raw_nbytes
+from hfedmoe.fl.simulation import run_simulation
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.moe.access import make_access
+from hfedmoe.moe import make_access
 from hfedmoe.task import build_model, load_client_data, load_test_batches
-from hfedmoe.train import evaluate, set_torch_threads
+from hfedmoe.training import evaluate, set_torch_threads
 
 
 def quick_config(out: Path) -> RunConfig:
@@ -75,8 +77,6 @@ def _ray_worker_niceness(value: str):
 
 def federated_arm(cfg: RunConfig) -> dict:
     """Run ``cfg`` on the simulation engine; per-round times and the run's metrics."""
-    from hfedmoe.fl.simulation import run_simulation
-
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with _ray_worker_niceness(str(os.getpriority(os.PRIO_PROCESS, 0))):
@@ -142,15 +142,15 @@ def bare_arm(cfg: RunConfig) -> dict:
     load = os.getloadavg()[0]
     for server_round in range(1, cfg.rounds + 1):
         start = time.perf_counter()
-        strategy._current = state  # what configure_train would hold
+        strategy.set_global_state(state)  # what configure_train would hold
         updates, train_s, copy_s = [], 0.0, 0.0
         for pid in range(cfg.clients):
             t0 = time.perf_counter()
             # Loads the server's state into the client model (a copy), trains, chooses the upload.
-            reply = client_round(cfg, client_access, data[pid], state, budgets[pid], server_round)
+            upload = client_round(cfg, client_access, data[pid], state, budgets[pid], server_round)
             t1 = time.perf_counter()
             # Copied out (as serialising a reply does): the next client reuses the model.
-            updates.append(update_from_round(pid, reply, strategy.groups))
+            updates.append(ReceivedUpload.in_process(pid, upload))
             train_s, copy_s = train_s + t1 - t0, copy_s + time.perf_counter() - t1
         t2 = time.perf_counter()
         new_state = strategy.aggregate(updates)
@@ -181,19 +181,18 @@ def aggregation_scaling(experts_per_layer: list[int], clients: int = 4) -> list[
         groups = access.param_groups()
         state = access.state_dict()
         strategy = HFedMoE(groups, {i: 1 for i in range(clients)}, "{}", cfg.tau, True)
-        strategy._current = state
+        strategy.set_global_state(state)
         updates = []
         shape = (groups.num_layers, groups.num_experts)
         for c in range(clients):
             chosen = torch.rand(shape, generator=generator) < 0.5
             keys = [k for (l, e), names in groups.experts.items() if chosen[l, e] for k in names]
-            updates.append(ClientUpdate(
-                node_id=c, partition_id=c, num_examples=100 + c,
-                experts={k: state[k] + 0.01 for k in keys},
-                routers={k: state[k] for k in groups.routers}, dense={k: state[k] for k in groups.dense},
-                usage=torch.rand(shape, generator=generator), importance=torch.rand(shape, generator=generator),
-                selection_counts=chosen.long(), metrics={}, bytes_up=0, bytes_up_floor=0,
-            ))
+            tensors = {**{k: state[k] for k in [*groups.routers, *groups.dense]},
+                       **{k: state[k] + 0.01 for k in keys}}
+            upload = ClientUpload(tensors=tensors, usage=torch.rand(shape, generator=generator),
+                                  importance=torch.rand(shape, generator=generator), selection_counts=chosen.long(),
+                                  metrics={"num-examples": 100 + c, "partition-id": c})
+            updates.append(ReceivedUpload(node_id=c, upload=upload, bytes_up=0, bytes_up_floor=0))
         start = time.perf_counter()
         strategy.aggregate(updates)
         elapsed = time.perf_counter() - start
@@ -208,10 +207,9 @@ def budget_scaling(cfg: RunConfig, log=print) -> list[dict]:
 
     Budgets: one expert per layer (the minimum), a quarter, half and all of the
     experts, trained per batch. Each peak is measured in a fresh process and the step
-    times in one process with the budgets interleaved (:func:`hfedmoe.resources.calibrate`);
+    times in one process with the budgets interleaved (:func:`hfedmoe.budgets.calibrate`);
     ``*_vs_all`` are the ratios to training every expert.
     """
-    from hfedmoe.resources import calibrate
 
     access = make_access(build_model(cfg, pretrained=False))
     layers, total = access.num_layers, access.num_layers * access.num_experts

@@ -1,23 +1,34 @@
-"""Command line: ``hfedmoe run`` (more subcommands arrive with their issues)."""
+"""Command line of hfedmoe: federated fine-tuning of Mixture-of-Experts models on clients with
+unequal compute (HFedMoE, arXiv 2601.00583) and its baselines, on Flower.
+
+Subcommands: ``run`` (one federated run), ``compare`` (methods x seeds, sweeps),
+``calibrate`` (fit the memory model) and ``bench`` (the system's own costs)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 
+from hfedmoe.budgets import calibrate, client_budgets, default_calibration_path
+from hfedmoe.compare import add_compare_flags, compare_command
 from hfedmoe.config import (
     EMBEDDED_DATASET,
     EMBEDDED_MODEL,
-    METHODS,
     ConfigError,
     RunConfig,
     parse_float_list,
     parse_int_list,
     parse_str_list,
 )
+from hfedmoe.methods import METHODS
+from hfedmoe.moe import make_access
+from hfedmoe.progress import RichReporter
+from hfedmoe.rundir import RunRecorder, default_run_dir
+from hfedmoe.task import build_model, moe_shape
 
 _HELP = {
     "rounds": "federated rounds",
@@ -61,7 +72,8 @@ _HELP = {
                       "columns, e.g. sol1,sol2",
     "answer_column": "multiple-choice: the right choice as a 0-based index, a letter (A, B, ...) or its text",
     "response_column": "causal-lm: the response column (the loss covers its tokens only)",
-    "method": f"federated method: {', '.join(METHODS)} (docs/baselines.md)",
+    "method": "federated method (docs/baselines.md): " + "; ".join(f"{name}: {method.summary}"
+                                                                    for name, method in METHODS.items()),
     "num_experts": "experts per MoE layer when upcycling",
     "top_k": "experts per token",
     "max_length": "tokens per text (truncation)",
@@ -113,7 +125,8 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run federated fine-tuning on Flower's simulation engine",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -138,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run several methods (or an HFedMoE setting sweep) over seeds; write results.md/.json and plots",
     )
     add_run_flags(compare)
-    from hfedmoe.compare import add_compare_flags
-
     add_compare_flags(compare)
 
     bench = sub.add_parser("bench", help="measure the system's own costs (selection, upload, runtime overhead)")
@@ -157,19 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         return _calibrate(args)
     if args.command == "compare":
-        from hfedmoe.compare import compare_command
-
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every run's `finally` stops its processes
         return compare_command(args, run_config_from)
     return 2
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    import json
-
-    from hfedmoe.resources import calibrate, default_calibration_path
-    from hfedmoe.task import moe_shape
-
     try:
         cfg = run_config_from(args)
         layers, experts = moe_shape(cfg)
@@ -202,9 +206,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-
-    from hfedmoe.bench import run_bench
+    from hfedmoe.bench import run_bench  # starts Ray's simulation engine: loaded only for `bench`
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
@@ -223,18 +225,10 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hfedmoe.progress import RichReporter
-    from hfedmoe.rundir import RunRecorder, default_run_dir
-    from hfedmoe.task import moe_shape
-
     try:
         cfg = run_config_from(args)
         cfg.budgets_for(*moe_shape(cfg))  # fail before any process starts
         if cfg.mem_budgets or cfg.mem_budget_range:
-            from hfedmoe.moe.access import make_access
-            from hfedmoe.resources import client_budgets
-            from hfedmoe.task import build_model
-
             client_budgets(cfg, make_access(build_model(cfg, pretrained=False)))
         if cfg.resume and not cfg.out:
             raise ConfigError("--resume needs --out: the directory of the run to continue")
@@ -247,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, FileExistsError) as err:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2
-    from hfedmoe.fl.simulation import run_simulation
+    from hfedmoe.fl.simulation import run_simulation  # Flower's simulation engine and Ray: loaded only to run
 
     reporter = RichReporter(cfg)
     # SIGTERM -> SystemExit, so the `finally` that stops Ray's processes runs.

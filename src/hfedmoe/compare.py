@@ -21,9 +21,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from datetime import datetime
 from pathlib import Path
 
-from hfedmoe.config import METHODS, ConfigError, RunConfig
+from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.methods import merge_names, method_names, server_merges
+from hfedmoe.task import moe_shape
 
 TARGET_ACCURACY = 0.9
 ENGINES = ("flower", "inprocess")
@@ -59,10 +62,10 @@ def parse_methods(text: str) -> list[str]:
     """'hfedmoe,fedavg' -> ['hfedmoe', 'fedavg'] (ConfigError for an unknown or repeated name)."""
     methods = [part.strip() for part in str(text).split(",") if part.strip()]
     if not methods:
-        raise ConfigError(f"--methods lists no method; choose from {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
+        raise ConfigError(f"--methods lists no method; choose from {', '.join(method_names())}")
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(method_names())}")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {text!r}")
     return methods
@@ -110,8 +113,6 @@ def parse_sweep(text: str) -> Sweep:
 def plan_runs(base: RunConfig, out: Path, methods: list[str] | None = None, seeds: int = 3,
               sweep: Sweep | None = None) -> list[PlannedRun]:
     """Every run of the comparison, validated before any starts (ConfigError otherwise)."""
-    from hfedmoe.task import moe_shape
-
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds must be a positive integer (runs per method), got {seeds!r}")
     if sweep is not None and methods is not None:
@@ -119,7 +120,7 @@ def plan_runs(base: RunConfig, out: Path, methods: list[str] | None = None, seed
     if sweep is not None:
         rows = [(label, {"method": "hfedmoe", sweep.key: value}) for label, value in zip(sweep.labels, sweep.values)]
     else:
-        rows = [(method, {"method": method}) for method in (methods or list(METHODS))]
+        rows = [(method, {"method": method}) for method in (methods or method_names())]
     runs = []
     for label, changes in rows:
         for seed in range(base.seed, base.seed + seeds):
@@ -145,11 +146,11 @@ def plan_runs(base: RunConfig, out: Path, methods: list[str] | None = None, seed
 def engine_function(engine: str) -> Callable[..., dict]:
     """``run(cfg, reporter, verbose=...) -> summary`` of ``engine``."""
     if engine == "flower":
-        from hfedmoe.fl.simulation import run_simulation
+        from hfedmoe.fl.simulation import run_simulation  # Ray and Flower's simulation engine: only when used
 
         return run_simulation
     if engine == "inprocess":
-        from hfedmoe.fl.inprocess import run_inprocess
+        from hfedmoe.fl.inprocess import run_inprocess  # Flower's ServerApp/ClientApp: only when used
 
         return run_inprocess
     raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -258,7 +259,7 @@ def run_compare(base: RunConfig, out: str | Path, methods: list[str] | None = No
     results = summarize(runs, target_accuracy, base, sweep, engine)
     results["failed_runs"] = failed_runs
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    from hfedmoe.plots import write_plots
+    from hfedmoe.plots import write_plots  # matplotlib: only once results exist
 
     results["plots"] = write_plots(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -342,8 +343,6 @@ def _stats(values: list) -> dict:
 def summarize(runs: list[PlannedRun], target_accuracy: float, base: RunConfig, sweep: Sweep | None,
               engine: str) -> dict:
     """results.json: per label the figures over its finished seeds."""
-    from hfedmoe.policies import method_aggregation
-
     labels = list(dict.fromkeys(r.label for r in runs))
     entries = []
     for label in labels:
@@ -351,7 +350,7 @@ def summarize(runs: list[PlannedRun], target_accuracy: float, base: RunConfig, s
         done = [r for r in mine if (r.run_dir / "summary.json").exists()]
         per_run = [{"seed": r.seed, **run_metrics(r.run_dir, target_accuracy, r.cfg.local_steps)} for r in done]
         cfg = mine[0].cfg
-        expert_agg, gate_agg = method_aggregation(cfg.method, cfg.expert_agg, cfg.gate_agg)
+        expert_agg, gate_agg = merge_names(*server_merges(cfg.method, cfg.expert_agg, cfg.gate_agg))
         layers = [m["selected_fraction_per_layer"] for m in per_run if m["selected_fraction_per_layer"]]
         entry = {
             "label": label,
@@ -479,7 +478,7 @@ def add_compare_flags(parser: argparse.ArgumentParser) -> None:
         if action.dest == "method":
             action.help = "(use --methods)"
     parser.add_argument("--methods", default=None,
-                        help=f"comma-separated methods to compare (default: all: {','.join(METHODS)})")
+                        help=f"comma-separated methods to compare (default: all: {','.join(method_names())})")
     parser.add_argument("--seeds", type=int, default=3, help="runs per method, with seeds --seed, --seed+1, ...")
     parser.add_argument("--sweep", default=None,
                         help="run hfedmoe once per value of one setting instead of methods, e.g. lam=1.0,0.9,0.8 "
@@ -493,8 +492,6 @@ def add_compare_flags(parser: argparse.ArgumentParser) -> None:
 
 def compare_command(args: argparse.Namespace, run_config_from: Callable[[argparse.Namespace], RunConfig]) -> int:
     """``hfedmoe compare``: exit code 0 when every run finished, 1 if some failed, 2 on a usage error."""
-    from datetime import datetime
-
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 

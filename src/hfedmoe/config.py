@@ -11,12 +11,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-# Federated methods; each is a row of hfedmoe.policies.METHODS (docs/baselines.md).
-METHODS = ("hfedmoe", "fedavg-full", "fedavg", "pfl-moe", "fedmoe", "seer-moe", "random")
-AGGREGATIONS = ("hfedmoe", "fedavg")  # --expert-agg / --gate-agg (HFedMoE ablations, Fig. 16)
+from hfedmoe.core.budget import parse_bytes
+from hfedmoe.methods import EXPERT_MERGES, ROUTER_WEIGHTS, get_method, method_names
+
 POOLINGS = ("mean", "max")
 SELECT_BY = ("ib", "importance")
-# Task formats (hfedmoe.objectives): what a batch's loss and the test metrics are.
+# Task formats (hfedmoe.training.objectives): what a batch's loss and the test metrics are.
 TASKS = ("classification", "multiple-choice", "causal-lm")
 CLASSIFIERS = ("auto", "head", "label-words")  # classification on a MoE checkpoint: new head or label words
 EMBEDDED_MODEL = "embedded-minilm-moe"
@@ -115,8 +115,9 @@ class RunConfig:
             raise ConfigError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"--top-k {self.top_k} exceeds --num-experts {self.num_experts}")
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r} is not available; choose one of {', '.join(METHODS)}")
+        if self.method not in method_names():
+            raise ConfigError(f"--method {self.method!r} is not available; choose one of "
+                              f"{', '.join(method_names())}")
         if self.task not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.classifier not in CLASSIFIERS:
@@ -132,12 +133,14 @@ class RunConfig:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.select_by not in SELECT_BY:
             raise ConfigError(f"--select-by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
-        for name in ("expert_agg", "gate_agg"):
-            if getattr(self, name) not in AGGREGATIONS:
+        for name, choices in (("expert_agg", EXPERT_MERGES), ("gate_agg", ROUTER_WEIGHTS)):
+            if getattr(self, name) not in choices:
                 value = getattr(self, name)
-                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(AGGREGATIONS)}, got {value!r}")
+                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {value!r}")
         # The aggregation switches ablate HFedMoE's server; baselines bring their own.
-        if self.method not in ("hfedmoe", "random") and (self.expert_agg, self.gate_agg) != ("hfedmoe", "hfedmoe"):
+        defaults = RunConfig()
+        if not get_method(self.method).ablation_switches and \
+                (self.expert_agg, self.gate_agg) != (defaults.expert_agg, defaults.gate_agg):
             raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "
                               "aggregation (docs/baselines.md): leave them at hfedmoe")
         self._validate_lora()
@@ -281,8 +284,6 @@ class RunConfig:
 
 
 def _bytes(text: str, flag: str) -> int:
-    from hfedmoe.core.budget import parse_bytes
-
     try:
         return parse_bytes(text)
     except ValueError as err:

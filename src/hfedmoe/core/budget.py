@@ -11,7 +11,7 @@ base_bytes holds what every step needs whatever the selection (the weights, the
 dense and router gradients and optimizer state, the forward activations);
 per_expert_bytes what one more trained expert adds (its gradient, its AdamW
 moments, its saved activations). Unselected experts hold neither gradient nor
-optimizer state (see hfedmoe.train), which is what makes M linear in n. The
+optimizer state (see hfedmoe.training.loop), which is what makes M linear in n. The
 coefficients come from a measured calibration (`hfedmoe calibrate`, fitted with
 :func:`fit_memory_model`) or, failing that, from :func:`analytic_memory_model`.
 """

@@ -1,4 +1,4 @@
-"""Flower ClientApp: one HFedMoE client (thin glue; the round itself is hfedmoe.client).
+"""Flower ClientApp: one HFedMoE client (thin glue; the round itself is hfedmoe.client_round).
 
 The server sends the run configuration and this client's expert budget in every
 message; the client's partition comes from its node config (``partition-id``,
@@ -13,19 +13,19 @@ import sys
 import time
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from hfedmoe.client import client_round
+from hfedmoe.client_round import client_round
 from hfedmoe.config import RunConfig
 from hfedmoe.core.budget import parse_bytes
 from hfedmoe.fl.dp import sparse_local_dp_mod
 from hfedmoe.fl.ray_transport import use_out_of_band_arrays
-from hfedmoe.fl.records import record_to_state, state_to_record
-from hfedmoe.moe.access import make_access
-from hfedmoe.resources import memtrace
+from hfedmoe.fl.records import encode_upload, record_to_state
+from hfedmoe.moe import make_access
 from hfedmoe.task import ClientData, build_model, load_client_data
-from hfedmoe.train import set_torch_threads
+from hfedmoe.training import set_torch_threads
+from hfedmoe.training.memory import memtrace
 
 app = ClientApp()
 
@@ -86,7 +86,7 @@ def _injected_crash(partition_id: int, server_round: int) -> bool:
 
 @app.train(mods=[sparse_local_dp_mod])  # local DP on the sparse upload; a no-op unless dp_epsilon > 0
 def train(msg: Message, context: Context) -> Message:
-    """One local HFedMoE round (hfedmoe.client.client_round) as a Flower reply."""
+    """One local round (hfedmoe.client_round.client_round) as a Flower reply."""
     if "ray" in sys.modules:  # a simulation worker: the reply goes back through Ray, and the
         use_out_of_band_arrays("copy")  # server copies it out of Ray's store (it holds all replies)
     config = msg.content["config"]
@@ -109,17 +109,14 @@ def train(msg: Message, context: Context) -> Message:
         del msg.content["arrays"]
     decoded = time.perf_counter()
     memtrace("after-to-state-dict")
-    reply = client_round(cfg, make_access(model), data, global_state, budget, server_round,
-                         mem_budget_bytes=mem, time_budget_s=seconds, release_global_state=True)
+    upload = client_round(cfg, make_access(model), data, global_state, budget, server_round,
+                          mem_budget_bytes=mem, time_budget_s=seconds, release_global_state=True)
     trained = time.perf_counter()
-    memtrace("after-client-round", peak=reply.metrics.get("peak-mem-bytes", 0) / 1e6)
-    if reply.failure:  # a training failure (e.g. FedAvg over budget): a flagged reply, not a crash
-        content = RecordDict({"failure": ConfigRecord({"reason": reply.failure}),
-                              "metrics": MetricRecord(reply.metrics)})
-        return Message(content=content, reply_to=msg)
-    arrays, stats = state_to_record(reply.upload), state_to_record(reply.stats)
+    memtrace("after-client-round", peak=upload.metrics.get("peak-mem-bytes", 0) / 1e6)
+    if upload.failure:  # a training failure (e.g. FedAvg over budget): a flagged reply, not a crash
+        return Message(content=encode_upload(upload), reply_to=msg)
     # Where the client's time went (the benchmark subtracts it from the round's time
-    # to find what the message layer costs).
-    timing = {"decode-s": decoded - started, "round-s": trained - decoded, "encode-s": time.perf_counter() - trained}
-    content = RecordDict({"arrays": arrays, "stats": stats, "metrics": MetricRecord({**reply.metrics, **timing})})
+    # to find what the message layer costs); encode-s covers the arrays, not itself.
+    content = encode_upload(upload, {"decode-s": decoded - started, "round-s": trained - decoded})
+    content["metrics"]["encode-s"] = time.perf_counter() - trained
     return Message(content=content, reply_to=msg)

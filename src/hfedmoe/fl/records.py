@@ -1,4 +1,5 @@
-"""Wire format: what a client's reply holds, and its validation on the server.
+"""Wire format: a :class:`~hfedmoe.client_round.ClientUpload` encoded into a Flower reply
+(:func:`encode_upload`) and parsed and validated on the server (:func:`parse_upload`).
 
 A training reply is a RecordDict with
 - ``arrays``  (ArrayRecord): every dense and router tensor, plus the tensors of
@@ -17,15 +18,15 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from hfedmoe.client import ClientRoundResult
-from hfedmoe.moe.access import ParamGroups
+from hfedmoe.client_round import ClientUpload
+from hfedmoe.moe import ParamGroups
 
 
 class ReplyError(ValueError):
@@ -33,37 +34,31 @@ class ReplyError(ValueError):
 
 
 @dataclass
-class ClientUpdate:
-    """A validated training reply, split into the method's parameter groups."""
+class ReceivedUpload:
+    """A validated training reply: the client's :class:`ClientUpload` and what it cost."""
 
     node_id: int
-    partition_id: int
-    num_examples: int
-    experts: dict[str, torch.Tensor]
-    routers: dict[str, torch.Tensor]
-    dense: dict[str, torch.Tensor]
-    usage: torch.Tensor
-    importance: torch.Tensor
-    selection_counts: torch.Tensor
-    metrics: dict
-    bytes_up: int
+    upload: ClientUpload
+    bytes_up: int  # serialised bytes of the reply's arrays (tensor data + .npy headers)
     bytes_up_floor: int  # raw tensor bytes of the uploaded arrays (numel x itemsize)
 
+    @classmethod
+    def in_process(cls, node_id: int, upload: ClientUpload) -> "ReceivedUpload":
+        """An upload handed over without a message (in-process loops: benchmarks, tests).
+        The tensors are copied, as serialising would; nothing crossed a wire (0 bytes)."""
+        copied = replace(upload, tensors={k: v.clone() for k, v in upload.tensors.items()})
+        return cls(node_id=node_id, upload=copied, bytes_up=0, bytes_up_floor=raw_nbytes(copied.tensors))
 
-def update_from_round(node_id: int, reply: ClientRoundResult, groups: ParamGroups) -> ClientUpdate:
-    """A ClientUpdate straight from a client round, without a Flower message (in-process
-    loops: benchmarks and tests). The tensors are copied, as serialising would."""
-    upload = {k: v.clone() for k, v in reply.upload.items()}
-    return ClientUpdate(
-        node_id=node_id, partition_id=int(reply.metrics["partition-id"]),
-        num_examples=int(reply.metrics["num-examples"]),
-        experts={k: v for k, v in upload.items() if k in groups.expert_of},
-        routers={k: upload[k] for k in groups.routers},
-        dense={k: upload[k] for k in groups.dense},
-        usage=reply.stats["usage"], importance=reply.stats["importance"],
-        selection_counts=reply.stats["selection-counts"], metrics=reply.metrics,
-        bytes_up=0, bytes_up_floor=raw_nbytes(upload),
-    )
+
+def encode_upload(upload: ClientUpload, extra_metrics: dict | None = None) -> RecordDict:
+    """The reply content of ``upload`` (see the module docstring); a training failure is
+    a flagged reply: ``failure`` (ConfigRecord with the reason) and ``metrics``."""
+    metrics = MetricRecord({**upload.metrics, **(extra_metrics or {})})
+    if upload.failure:
+        return RecordDict({"failure": ConfigRecord({"reason": upload.failure}), "metrics": metrics})
+    stats = {"usage": upload.usage, "importance": upload.importance, "selection-counts": upload.selection_counts}
+    return RecordDict({"arrays": state_to_record(upload.tensors), "stats": state_to_record(stats),
+                       "metrics": metrics})
 
 
 def tensor_to_array(tensor: torch.Tensor) -> Array:
@@ -101,7 +96,7 @@ def array_to_tensor(array: Array) -> torch.Tensor:
     # BytesIO shares a ``bytes`` object but copies any other buffer (a received array
     # can hold a NumPy view of Ray's shared memory, see hfedmoe.fl.ray_transport):
     # parse the header from its own bytes.
-    stream = io.BytesIO(data if isinstance(data, bytes) else _npy_header(data))
+    stream = io.BytesIO(data if isinstance(data, bytes) else npy_header(data))
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -124,7 +119,7 @@ def array_to_tensor(array: Array) -> torch.Tensor:
         return torch.from_numpy(values)
 
 
-def _npy_header(data) -> bytes:
+def npy_header(data) -> bytes:
     """The .npy header of the buffer ``data`` (magic, version, length, dict) as bytes."""
     view = memoryview(data).cast("B")
     if len(view) < 10:
@@ -139,7 +134,7 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {key: array_to_tensor(value) for key, value in record.items()}
 
 
-def _all_finite(value: torch.Tensor) -> bool:
+def all_finite(value: torch.Tensor) -> bool:
     """No NaN or infinity in ``value``: exactly ``isfinite(value).all()``, ~10x faster.
 
     A NaN or infinity makes the sum non-finite; a finite sum therefore proves every
@@ -156,7 +151,7 @@ def record_nbytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Tensor]) -> ClientUpdate:
+def parse_upload(msg: Message, groups: ParamGroups, reference: dict[str, torch.Tensor]) -> ReceivedUpload:
     """Validate one training reply against the global model's keys and shapes."""
     node = msg.metadata.src_node_id
     if msg.has_error():
@@ -182,7 +177,7 @@ def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Te
             raise ReplyError(
                 f"reply of node {node}: {key} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}"
             )
-        if value.is_floating_point() and not _all_finite(value):
+        if value.is_floating_point() and not all_finite(value):
             raise ReplyError(f"reply of node {node}: {key} holds NaN or infinite values")
     missing = [k for k in groups.dense + groups.routers if k not in arrays]
     if missing:
@@ -206,17 +201,12 @@ def parse_reply(msg: Message, groups: ParamGroups, reference: dict[str, torch.Te
     num_examples = int(metrics.get("num-examples", 0))
     if num_examples < 1:
         raise ReplyError(f"reply of node {node} has no valid num-examples (must be >= 1)")
-    return ClientUpdate(
-        node_id=node,
-        partition_id=int(metrics.get("partition-id", -1)),
-        num_examples=num_examples,
-        experts={k: v for k, v in arrays.items() if k in groups.expert_of},
-        routers={k: arrays[k] for k in groups.routers},
-        dense={k: arrays[k] for k in groups.dense},
-        usage=stats["usage"].float(),
-        importance=stats["importance"].float(),
-        selection_counts=stats["selection-counts"],
-        metrics=metrics,
+    upload = ClientUpload(
+        tensors=arrays, usage=stats["usage"].float(), importance=stats["importance"].float(),
+        selection_counts=stats["selection-counts"], metrics=metrics,
+    )
+    return ReceivedUpload(
+        node_id=node, upload=upload,
         bytes_up=record_nbytes(content["arrays"]) + record_nbytes(content["stats"]),
         bytes_up_floor=raw_nbytes(arrays),
     )

@@ -20,12 +20,12 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.ray_transport import use_out_of_band_arrays
 from hfedmoe.fl.records import state_to_record
 from hfedmoe.fl.strategy import HFedMoE, RunAborted
-from hfedmoe.moe.access import make_access
-from hfedmoe.policies import method_aggregation
-from hfedmoe.resources import client_budgets
+from hfedmoe.budgets import client_budgets
+from hfedmoe.methods import server_merges
+from hfedmoe.moe import make_access
 from hfedmoe.rundir import RunRecorder, default_run_dir
 from hfedmoe.task import build_model, label_names, load_test_batches, model_spec
-from hfedmoe.train import evaluate, set_torch_threads
+from hfedmoe.training import evaluate, set_torch_threads
 
 
 class Reporter(Protocol):
@@ -116,13 +116,13 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     recorder = RunRecorder(cfg.out or default_run_dir(), cfg)
 
     by_partition = sorted(partitions.items(), key=lambda kv: kv[1][0])
-    expert_agg, gate_agg = method_aggregation(cfg.method, cfg.expert_agg, cfg.gate_agg)  # baselines: their own
+    expert_merge, router_weights = server_merges(cfg.method, cfg.expert_agg, cfg.gate_agg)  # baselines: their own
     strategy = HFedMoE(
         access.param_groups(),
         {node: budgets[pid].expert_budget for node, (pid, _) in by_partition},
         cfg.to_json(), cfg.tau, cfg.gate_normalize,
         node_config={node: budgets[pid].message_config() for node, (pid, _) in by_partition},
-        expert_agg=expert_agg, gate_agg=gate_agg, max_empty_rounds=cfg.max_empty_rounds,
+        expert_merge=expert_merge, router_weights=router_weights, max_empty_rounds=cfg.max_empty_rounds,
     )
     reporter.on_start({
         "run_dir": str(recorder.dir), "clients": cfg.clients, "rounds": cfg.rounds,
@@ -179,7 +179,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             final_state = strategy.state_of(result.arrays) if len(result.arrays) else initial
         except RunAborted as err:
             aborted = str(err)
-            final_state = strategy._last_state or initial
+            final_state = strategy.last_aggregated_state or initial
     else:  # the checkpoint already holds every requested round
         final_state = initial
     model_info = {"spec": model_spec(cfg), "label_names": label_names(cfg)}

@@ -23,15 +23,16 @@ from flwr.supercore import log
 
 from hfedmoe import core
 from hfedmoe.fl.records import (
-    ClientUpdate,
+    ReceivedUpload,
     ReplyError,
-    parse_reply,
+    parse_upload,
     raw_nbytes,
     record_nbytes,
     record_to_state,
     state_to_record,
 )
-from hfedmoe.moe.access import ParamGroups
+from hfedmoe.methods.merging import ExpertMerge, RouterWeights, merge_over_uploaders, preference_weights
+from hfedmoe.moe import ParamGroups
 
 
 class RunAborted(RuntimeError):
@@ -59,12 +60,12 @@ class HFedMoE(Strategy):
     max_empty_rounds : int
         Stop the run (:class:`RunAborted`) after this many consecutive rounds in
         which no client sent a usable update; 0 never stops.
-    expert_agg : str
-        "hfedmoe" (Eq. 17: each expert averaged over the clients that uploaded it) or
-        "fedavg" (over all clients; a client that did not upload an expert counts
-        with the unchanged global copy). Baselines and the Fig. 16 ablation.
-    gate_agg : str
-        "hfedmoe" (Eq. 18-21) or "fedavg" (num_examples-weighted mean of routers).
+    expert_merge : ExpertMerge
+        How uploaded experts are merged (default Eq. 17: each expert averaged over the
+        clients that uploaded it); the run's method supplies it
+        (:func:`hfedmoe.methods.server_merges`).
+    router_weights : RouterWeights
+        Each client's weight alpha_c in the router merge (default Eq. 18-20).
     """
 
     def __init__(
@@ -76,14 +77,12 @@ class HFedMoE(Strategy):
         gate_normalize: bool = True,
         node_config: dict[int, dict] | None = None,
         max_empty_rounds: int = 0,
-        expert_agg: str = "hfedmoe",
-        gate_agg: str = "hfedmoe",
+        expert_merge: ExpertMerge = merge_over_uploaders,
+        router_weights: RouterWeights = preference_weights,
     ) -> None:
         if not node_budgets:
             raise ValueError("HFedMoE needs at least one client node")
-        if expert_agg not in ("hfedmoe", "fedavg") or gate_agg not in ("hfedmoe", "fedavg"):
-            raise ValueError(f"expert_agg/gate_agg must be 'hfedmoe' or 'fedavg', got {expert_agg!r}/{gate_agg!r}")
-        self.expert_agg, self.gate_agg = expert_agg, gate_agg
+        self.expert_merge, self.router_weights = expert_merge, router_weights
         self.groups = groups
         self.node_budgets = dict(node_budgets)
         self.run_config_json = run_config_json
@@ -111,7 +110,7 @@ class HFedMoE(Strategy):
         """One message per node, each carrying the node's own expert budget."""
         server_round += self.round_offset
         self._round_started = time.perf_counter()
-        self._current = self.state_of(arrays)
+        self.set_global_state(self.state_of(arrays))
         messages = []
         for node_id, budget in self.node_budgets.items():
             node_config = ConfigRecord(dict(config))
@@ -138,7 +137,7 @@ class HFedMoE(Strategy):
         if not self._current:
             raise RuntimeError("aggregate_train called before configure_train: the strategy has no global model")
         replied = time.perf_counter()
-        updates: list[ClientUpdate] = []
+        updates: list[ReceivedUpload] = []
         failures: list[dict] = []
         replies = list(replies)
         answered = {msg.metadata.src_node_id for msg in replies}
@@ -152,7 +151,7 @@ class HFedMoE(Strategy):
                 log(INFO, "round %d: %s", server_round, failures[-1]["reason"])  # expected under this method
                 continue
             try:
-                updates.append(parse_reply(msg, self.groups, self._current))
+                updates.append(parse_upload(msg, self.groups, self._current))
             except ReplyError as err:
                 log(WARNING, "round %d: dropping a reply: %s", server_round, err)
                 failures.append({"node_id": msg.metadata.src_node_id, "reason": str(err)})
@@ -180,13 +179,28 @@ class HFedMoE(Strategy):
         state = self.aggregate(updates)
         info["alpha"] = state.pop("__alpha__").tolist()
         aggregated = time.perf_counter()
-        n = [u.num_examples for u in updates]
-        loss = sum(u.metrics.get("train-loss", 0.0) * k for u, k in zip(updates, n)) / max(sum(n), 1)
+        n = [u.upload.num_examples for u in updates]
+        loss = sum(u.upload.metrics.get("train-loss", 0.0) * k for u, k in zip(updates, n)) / max(sum(n), 1)
         metrics = MetricRecord({"train-loss": float(loss), "clients": len(updates), "failures": len(failures)})
         # Built once; Flower sends this same record to every client next round.
         self._last_record, self._last_state = state_to_record(state), state
         info["timing"].update(aggregate_s=aggregated - parsed, encode_s=time.perf_counter() - aggregated)
         return self._last_record, metrics
+
+    def set_global_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The global model this round's replies are validated against and merged into
+        (configure_train sets it; in-process loops call it directly)."""
+        self._current = state
+
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The global model of the current round ({} before the first)."""
+        return self._current
+
+    @property
+    def last_aggregated_state(self) -> dict[str, torch.Tensor]:
+        """The newest global state this strategy aggregated ({} before the first)."""
+        return self._last_state
 
     def state_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """Tensors of ``arrays``; free when it is the record this strategy built last."""
@@ -195,25 +209,19 @@ class HFedMoE(Strategy):
         # Read-only views of the record's bytes (no copy); nothing here modifies them.
         return record_to_state(arrays)
 
-    def aggregate(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
-        """The new global state from validated updates (Eq. 17, 18-21, dense FedAvg)."""
-        num_examples = [u.num_examples for u in updates]
-        previous_experts = {k: self._current[k] for k in self.groups.all_expert_keys}
-        if self.expert_agg == "fedavg":  # Fig. 16 variant: a non-uploader counts with the global copy
-            experts = core.fedavg([{**previous_experts, **u.experts} for u in updates], num_examples)
-        else:
-            experts = core.aggregate_experts(previous_experts, [u.experts for u in updates], num_examples)
-        if self.gate_agg == "fedavg":  # plain FedAvg of routers: alpha = |D_c| / sum |D|
-            alpha = torch.tensor(num_examples, dtype=torch.float64) / sum(num_examples)
-        else:
-            alpha = core.gate_weights(
-                torch.stack([u.usage for u in updates]),
-                torch.stack([u.importance for u in updates]),
-                tau=self.tau,
-                normalize=self.gate_normalize,
-            )
-        routers = core.aggregate_gates([u.routers for u in updates], alpha)
-        dense = core.fedavg([u.dense for u in updates], num_examples)
+    def aggregate(self, received: list[ReceivedUpload]) -> dict[str, torch.Tensor]:
+        """The new global state from validated uploads: experts by the method's merge
+        (Eq. 17 for HFedMoE), routers weighted by its alpha (Eq. 18-21), dense FedAvg."""
+        groups = self.groups
+        uploads = [r.upload for r in received]
+        num_examples = [u.num_examples for u in uploads]
+        previous_experts = {k: self._current[k] for k in groups.all_expert_keys}
+        experts = self.expert_merge(previous_experts, [u.experts(groups) for u in uploads], num_examples)
+        alpha = self.router_weights(torch.stack([u.usage for u in uploads]),
+                                    torch.stack([u.importance for u in uploads]),
+                                    num_examples, self.tau, self.gate_normalize)
+        routers = core.aggregate_gates([u.routers(groups) for u in uploads], alpha)
+        dense = core.fedavg([u.dense(groups) for u in uploads], num_examples)
         return {**dense, **routers, **experts, "__alpha__": alpha}
 
     @staticmethod
@@ -229,11 +237,11 @@ class HFedMoE(Strategy):
         }
 
     @staticmethod
-    def _client_row(u: ClientUpdate) -> dict:
-        m = u.metrics
+    def _client_row(r: ReceivedUpload) -> dict:
+        u, m = r.upload, r.upload.metrics
         return {
             "id": u.partition_id,
-            "node_id": u.node_id,
+            "node_id": r.node_id,
             "num_examples": u.num_examples,
             "expert_budget": int(m.get("expert-budget", -1)),
             "experts_trained": float(m.get("experts-trained-mean", 0.0)),
@@ -248,8 +256,8 @@ class HFedMoE(Strategy):
             "decode_s": float(m.get("decode-s", 0.0)),
             "round_s": float(m.get("round-s", 0.0)),
             "encode_s": float(m.get("encode-s", 0.0)),
-            "bytes_up": u.bytes_up,
-            "bytes_up_floor": u.bytes_up_floor,
+            "bytes_up": r.bytes_up,
+            "bytes_up_floor": r.bytes_up_floor,
             "usage": [[round(x, 5) for x in row] for row in u.usage.tolist()],
             "selection_counts": u.selection_counts.tolist(),
         }
@@ -273,5 +281,6 @@ class HFedMoE(Strategy):
             self.tau,
             "normalised" if self.gate_normalize else "literal (Eq. 20)",
         )
-        log(INFO, "\t├── aggregation: experts %s, gates %s", self.expert_agg, self.gate_agg)
+        log(INFO, "\t├── aggregation: experts %s, routers %s", self.expert_merge.__name__,
+            self.router_weights.__name__)
         log(INFO, "\t└── expert budgets per node: %s", self.node_budgets)

@@ -223,6 +223,10 @@ class ModularMoEAccess:
         """Mean load-balancing loss over the MoE layers (with gradient)."""
         return torch.stack([self._record(layer, "last_aux_loss") for layer in self.layers]).mean()
 
+    def router_modules(self) -> list[nn.Module]:
+        """Each MoE layer's router (its forward returns the router logits)."""
+        return [layer.router for layer in self.layers]
+
     @staticmethod
     def _record(layer: MoEFeedForward, attr: str) -> torch.Tensor:
         value = getattr(layer, attr)

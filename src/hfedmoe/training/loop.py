@@ -1,4 +1,4 @@
-"""One client's local training round, and evaluation of a model on held-out data.
+"""One client's local training round: route -> score -> select -> masked backward -> step.
 
 Per mini-batch (Algorithm 1 of the paper):
 1. forward with the model's own top-k routing, recording router probabilities;
@@ -26,8 +26,9 @@ from torch import nn
 from hfedmoe import core
 from hfedmoe.moe.access import MoEAccess, make_access
 from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
-from hfedmoe.objectives import objective_for
-from hfedmoe.resources import PeakMemory, memtrace, weight_bytes
+from hfedmoe.training.memory import PeakMemory, memtrace, weight_bytes
+from hfedmoe.training.objectives import objective_for
+from hfedmoe.training.selection import BatchRouting, SelectionPolicy, score_policy
 
 
 @dataclass
@@ -46,33 +47,11 @@ class LocalTrainConfig:
     aux_loss_coef: float = 0.01
     deferred_backward: bool = True  # constrained clients: backward only through selected experts
     time_budget_s: float | None = None  # compute budget: stop the local round after this long (>= 1 step)
-    task: str = "classification"  # the batch loss (hfedmoe.objectives)
+    task: str = "classification"  # the batch loss (hfedmoe.training.objectives)
 
 
-@dataclass
-class BatchRouting:
-    """What an expert-selection policy may look at for one mini-batch."""
-
-    gates: torch.Tensor  # per-sample G_e(x_i), Tensor[B, L, S]
-    candidates: torch.Tensor  # E_union, BoolTensor[L, S]
-    importance: torch.Tensor  # s_b, Tensor[L, S] (Eq. 5)
-    ib_score: torch.Tensor  # I_b, Tensor[L, S] (Eq. 14)
-    budget: int  # C_budget
-    step: int  # local step index in this round
-
-
-# A policy maps a batch's routing to the experts trained on it (BoolTensor[L, S]).
-SelectionPolicy = Callable[[BatchRouting], torch.Tensor]
-
-
-def hfedmoe_policy(select_by: str = "ib") -> SelectionPolicy:
-    """HFedMoE's own rule: rank by I_b (Eq. 15) or s_b, cover every layer, fill the budget."""
-
-    def select(routing: BatchRouting) -> torch.Tensor:
-        scores = routing.ib_score if select_by == "ib" else routing.importance
-        return core.select_experts(scores, routing.candidates, routing.budget)
-
-    return select
+# on_phase(phase, step, selected): see train_local.
+PhaseHook = Callable[[str, int, "torch.Tensor | None"], None]
 
 
 @dataclass
@@ -122,6 +101,7 @@ def train_local(
     cfg: LocalTrainConfig,
     policy: SelectionPolicy | None = None,
     extra_loss: Callable[[MoEAccess, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    on_phase: PhaseHook | None = None,
 ) -> LocalTrainResult:
     """Run ``cfg.local_steps`` HFedMoE steps on a client's batches.
 
@@ -131,7 +111,7 @@ def train_local(
         The global model loaded into this client; trained in place.
     batches : iterator of dict
         Yields {"input_ids", "attention_mask", "labels", ...} in ``cfg.task``'s
-        format (hfedmoe.objectives); must not run out before ``cfg.local_steps``
+        format (hfedmoe.training.objectives); must not run out before ``cfg.local_steps``
         batches (use an endless iterator).
     expert_budget : int
         C_budget: the most experts trained per mini-batch, summed over layers.
@@ -142,6 +122,11 @@ def train_local(
     extra_loss : callable, optional
         ``extra_loss(access, batch)`` -> scalar added to the batch's loss after the
         forward pass (e.g. SEER-MoE's gate-entropy penalty); None adds nothing.
+    on_phase : callable, optional
+        ``on_phase(phase, step, selected)`` at the end of each phase of a step:
+        "start", "forward", "select", "backward", "clip", "optimizer", "zero"
+        (``selected`` is None before "select"). For benchmarks that time the
+        loop's phases (benchmarks/step_breakdown.py); None costs nothing.
 
     Returns
     -------
@@ -153,7 +138,7 @@ def train_local(
             f"expert budget {expert_budget} is below one expert per MoE layer: "
             f"the minimum budget is {access.num_layers}"
         )
-    policy = policy or hfedmoe_policy(cfg.select_by)
+    policy = policy or score_policy(cfg.select_by)
     objective = objective_for(cfg.task)
     optimizer = make_optimizer(model, access, cfg)
     # A client that can train every expert keeps plain autograd; a constrained one
@@ -176,6 +161,8 @@ def train_local(
             if cfg.time_budget_s is not None and step > 0 and time.perf_counter() - start > cfg.time_budget_s:
                 break  # compute budget spent: the round ends early, with what it trained
             t_step = time.perf_counter()
+            if on_phase:
+                on_phase("start", step, None)
             batch = next(batches)
             # mask: the [rows, T] tokens the routing was recorded over (a
             # multiple-choice example is K rows, one per choice).
@@ -184,6 +171,8 @@ def train_local(
             total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
             if extra_loss is not None:
                 total = total + extra_loss(access, batch)
+            if on_phase:
+                on_phase("forward", step, None)
 
             t_select = time.perf_counter()
             gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
@@ -193,19 +182,29 @@ def train_local(
             i_b = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta)
             selected = policy(BatchRouting(gates, candidates, s_b, i_b, expert_budget, step))
             select_s += time.perf_counter() - t_select
+            if on_phase:
+                on_phase("select", step, selected)
 
             params = access.trainable_parameters(selected)
             access.set_selection(selected)
             total.backward(inputs=params)
+            if on_phase:
+                on_phase("backward", step, selected)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if on_phase:
+                on_phase("clip", step, selected)
             with access.freeze_unselected(selected, optimizer):
                 optimizer.step()
+            if on_phase:
+                on_phase("optimizer", step, selected)
             optimizer.zero_grad(set_to_none=True)
             # Experts outside this batch's selection hold no optimizer state: a
             # constrained client's memory is bounded by its budget, not by the union
             # of every expert it trained this round (their moments restart instead).
             for param in access.unselected_expert_parameters(selected):
                 optimizer.state.pop(param, None)
+            if on_phase:
+                on_phase("zero", step, selected)
 
             gate_sums += gates.sum(dim=0).double()
             importance_sum += s_b.double()
@@ -233,28 +232,6 @@ def train_local(
         # The first step also allocates optimizer state and warms caches.
         extra={"step_s": statistics.median(step_times[1:] or step_times), "peak_rss_bytes": peak.peak_rss},
     )
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, max_batches: int | None = None, task: str = "classification") -> dict:
-    """Test metrics of ``model`` over ``batches``: accuracy and mean loss (plus
-    perplexity for causal-lm; see hfedmoe.objectives)."""
-    objective = objective_for(task)
-    model.eval()
-    sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    examples = 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        for key, value in objective.eval_sums(model, batch).items():
-            sums[key] += value
-        examples += len(batch["input_ids"])
-    if examples == 0:
-        raise ValueError("evaluation received no batches: the test set is empty")
-    if sums["count"] == 0:
-        raise ValueError("evaluation found nothing to score (no response tokens survived truncation): "
-                         "raise --max-length")
-    return objective.metrics(sums, examples)
 
 
 def set_torch_threads() -> None:

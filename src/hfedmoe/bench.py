@@ -34,7 +34,7 @@ from hfedmoe.client import client_round
 from hfedmoe.config import RunConfig
 from hfedmoe.fl.records import ClientUpdate, raw_nbytes, update_from_round
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.moe.access import make_access
+from hfedmoe.moe import make_access
 from hfedmoe.task import build_model, load_client_data, load_test_batches
 from hfedmoe.train import evaluate, set_torch_threads
 

@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = run_config_from(args)
         cfg.budgets_for(*moe_shape(cfg))  # fail before any process starts
         if cfg.mem_budgets or cfg.mem_budget_range:
-            from hfedmoe.moe.access import make_access
+            from hfedmoe.moe import make_access
             from hfedmoe.resources import client_budgets
             from hfedmoe.task import build_model
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hfedmoe.config import RunConfig
-from hfedmoe.moe.access import MoEAccess
+from hfedmoe.moe import MoEAccess
 from hfedmoe.policies import plan_round
 from hfedmoe.resources import bound_allocator
 from hfedmoe.task import ClientData

@@ -317,7 +317,7 @@ def initial_profile(cfg, access, data, server_round: int,
     if server_round == 1:
         counts = route_counts(access, profile_batches(data))
     else:
-        from hfedmoe.moe.access import make_access
+        from hfedmoe.moe import make_access
 
         if build_initial is None:
             from hfedmoe.task import build_model
@@ -350,13 +350,13 @@ class RouterHooks:
     """
 
     def __init__(self, access, mask: torch.Tensor | None = None, capture: bool = False):
-        layers = getattr(access, "layers", None)
-        if layers is None:
+        routers = access.router_modules()
+        if routers is None:
             raise NotImplementedError(
                 f"{type(access).__name__}: routing masks and gate-entropy losses need separate-expert MoE blocks "
                 "(the embedded model); fused Hugging Face layouts are not supported for fedmoe/seer-moe yet"
             )
-        self.routers = [layer.router for layer in layers]
+        self.routers = list(routers)
         self.mask = mask
         self.capture = capture
         self.logits: list[torch.Tensor | None] = [None] * len(self.routers)

@@ -22,7 +22,7 @@ from hfedmoe.core.budget import parse_bytes
 from hfedmoe.fl.dp import sparse_local_dp_mod
 from hfedmoe.fl.ray_transport import use_out_of_band_arrays
 from hfedmoe.fl.records import record_to_state, state_to_record
-from hfedmoe.moe.access import make_access
+from hfedmoe.moe import make_access
 from hfedmoe.resources import memtrace
 from hfedmoe.task import ClientData, build_model, load_client_data
 from hfedmoe.train import set_torch_threads

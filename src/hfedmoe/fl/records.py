@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
 from hfedmoe.client import ClientRoundResult
-from hfedmoe.moe.access import ParamGroups
+from hfedmoe.moe import ParamGroups
 
 
 class ReplyError(ValueError):

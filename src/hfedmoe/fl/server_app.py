@@ -20,7 +20,7 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.ray_transport import use_out_of_band_arrays
 from hfedmoe.fl.records import state_to_record
 from hfedmoe.fl.strategy import HFedMoE, RunAborted
-from hfedmoe.moe.access import make_access
+from hfedmoe.moe import make_access
 from hfedmoe.policies import method_aggregation
 from hfedmoe.resources import client_budgets
 from hfedmoe.rundir import RunRecorder, default_run_dir

@@ -31,7 +31,7 @@ from hfedmoe.fl.records import (
     record_to_state,
     state_to_record,
 )
-from hfedmoe.moe.access import ParamGroups
+from hfedmoe.moe import ParamGroups
 
 
 class RunAborted(RuntimeError):

@@ -18,8 +18,8 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.data import TensorBatches
 from hfedmoe.fl.records import ClientUpdate
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.moe.access import ModularMoEAccess
-from hfedmoe.moe.upcycle import MoEClassifier, upcycle_bert_layers
+from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
+from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.task import ClientData
 from hfedmoe.train import BatchRouting, LocalTrainConfig, train_local
 

@@ -18,7 +18,7 @@ from hfedmoe.core.budget import (
     fit_memory_model,
     parse_bytes,
 )
-from hfedmoe.moe.access import ModularMoEAccess
+from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.resources import PeakMemory, client_budgets, memory_budgets
 from hfedmoe.train import LocalTrainConfig, train_local
 from test_moe import L, S, tiny_moe

@@ -9,6 +9,7 @@ deterministic in the config's seed, so no data ever crosses the wire.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from hfedmoe.data import (
     train_test_split,
 )
 from hfedmoe.data.files import FORMATS, read_table
+from hfedmoe.data.hub import HubDataset, load_hub_dataset, table_to_dataset
 from hfedmoe.models.hf_wrappers import (
     HFCausalLM,
     HFSequenceClassifier,
@@ -96,8 +98,6 @@ class DataSpec:
 
 def load_examples(spec: DataSpec) -> TextDataset:
     """All examples of the run's dataset, in ``spec.task``'s format (not yet split)."""
-    from hfedmoe.data.hub import HubDataset, load_hub_dataset, table_to_dataset
-
     if spec.dataset == EMBEDDED_DATASET:
         return load_bbc_news()
     path = Path(spec.dataset).expanduser()
@@ -268,12 +268,8 @@ def num_moe_layers(cfg: RunConfig) -> int:
     if model_kind(cfg) == "upcycle":
         config = _hf_config(cfg) if cfg.model != EMBEDDED_MODEL else None
         if config is None:
-            import json
-
             return int(json.loads((resolve_model_path(cfg) / "config.json").read_text())["num_hidden_layers"])
         return int(config.num_hidden_layers)
-    import torch
-
     with torch.device("meta"):
         model = _hf_classifier(cfg, pretrained=False)
     return _access_or_error(cfg, model).num_layers

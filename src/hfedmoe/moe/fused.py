@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from hfedmoe.moe import fused_deferred
+import hfedmoe.moe.fused_deferred as fused_deferred
 from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups
 from hfedmoe.moe.routing import LayerRecord, has_hook, register_block_routing
 from hfedmoe.moe.slice_adamw import ExpertSliceAdamW

@@ -20,8 +20,8 @@ import statistics
 import torch
 import transformers
 
-from hfedmoe.moe.access import make_access
-from hfedmoe.task import HFCausalLM
+from hfedmoe.models.hf_wrappers import HFCausalLM
+from hfedmoe.moe import make_access
 from hfedmoe.training import LocalTrainConfig, set_torch_threads, train_local
 
 

@@ -31,8 +31,8 @@ from torch.nn import functional as F
 
 from hfedmoe import core
 from hfedmoe.config import RunConfig
-from hfedmoe.moe import layers as moe_layers
-from hfedmoe.moe.access import make_access
+from hfedmoe.models import moe_block as moe_layers
+from hfedmoe.moe import make_access
 from hfedmoe.task import build_model, endless, load_client_data
 from hfedmoe.training import LocalTrainConfig, hfedmoe_policy, make_optimizer, set_torch_threads
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hfedmoe.moe.access import ModularMoEAccess
-from hfedmoe.moe.layers import ACTIVATIONS, ExpertFFN, expert_backward
+from hfedmoe.models.moe_block import ACTIVATIONS, ExpertFFN, expert_backward
+from hfedmoe.moe.modular import ModularMoEAccess
 from test_moe import L, S, batch, tiny_moe
 
 

@@ -20,8 +20,9 @@ from hfedmoe.fl.records import (
     tensor_to_array,
 )
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.moe.access import ModularMoEAccess, ParamGroups
-from hfedmoe.moe.upcycle import MoEClassifier, upcycle_bert_layers
+from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
+from hfedmoe.moe import ParamGroups
+from hfedmoe.moe.modular import ModularMoEAccess
 
 L, S = 2, 4
 NODE_A, NODE_B, NODE_C = 7, 9, 11

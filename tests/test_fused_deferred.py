@@ -10,8 +10,8 @@ import transformers
 from torch import nn
 
 from hfedmoe.moe import fused_deferred
-from hfedmoe.moe.access import make_access
-from hfedmoe.moe.hf_fused import split_expert_key
+from hfedmoe.moe import make_access
+from hfedmoe.moe.state_keys import split_expert_key
 from test_hf_fused import FAMILIES, inputs, tiny_config
 
 families = pytest.mark.parametrize("name", list(FAMILIES))
@@ -111,17 +111,17 @@ def test_backward_without_a_selection_fails_clearly():
 def test_layouts_other_than_the_eager_gated_mlp_keep_plain_autograd():
     model = tiny_model("mixtral")
     access = make_access(model)
-    module = access._experts_modules()[0]
+    module = access.experts_modules()[0]
     assert fused_deferred.supports_deferred(module)
     module.has_bias = True  # what use_experts_implementation sets for e.g. gpt-oss
     assert not fused_deferred.supports_deferred(module)
     assert access.enable_deferred_backward(True) is False
-    assert not any(fused_deferred.installed(m) for m in access._experts_modules())
+    assert not any(fused_deferred.installed(m) for m in access.experts_modules())
 
 
 def test_a_constrained_local_round_runs_deferred_and_keeps_unselected_slices(monkeypatch):
     """train_local switches the deferred path on for a constrained budget (and off after)."""
-    from hfedmoe.task import HFCausalLM
+    from hfedmoe.models.hf_wrappers import HFCausalLM
     from hfedmoe.training import LocalTrainConfig, train_local
 
     model = HFCausalLM(tiny_model("qwen2_moe"))
@@ -136,7 +136,7 @@ def test_a_constrained_local_round_runs_deferred_and_keeps_unselected_slices(mon
     cfg = LocalTrainConfig(local_steps=2, lr=1e-2, task="causal-lm")
     result = train_local(model, iter([batch, batch]), access.num_layers, cfg)  # one expert per layer
     assert calls, "the deferred path was not used"
-    assert not any(fused_deferred.installed(m) for m in access._experts_modules())
+    assert not any(fused_deferred.installed(m) for m in access.experts_modules())
     after = access.state_dict()
     for (layer, expert), keys in access.param_groups().experts.items():
         moved = any(not torch.equal(before[k], after[k]) for k in keys)
@@ -147,7 +147,7 @@ def test_a_constrained_local_round_runs_deferred_and_keeps_unselected_slices(mon
 def test_one_experts_module_against_autograd_with_unselected_experts_detached():
     """The exact definition: selected experts as in autograd, unselected ones as constants
     (no weight and no input gradient), router weights with their full gradient."""
-    module = make_access(tiny_model("mixtral"))._experts_modules()[0]
+    module = make_access(tiny_model("mixtral")).experts_modules()[0]
     E, H = module.gate_up_proj.shape[0], module.gate_up_proj.shape[2]
     g = torch.Generator().manual_seed(5)
     x = torch.randn(7, H, generator=g, requires_grad=True)

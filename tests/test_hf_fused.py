@@ -1,4 +1,4 @@
-"""Model access for transformers 5.x fused-expert MoE families (hfedmoe.moe.hf_fused).
+"""Model access for transformers 5.x fused-expert MoE families (hfedmoe.moe.fused).
 
 Every family is built from a tiny random config, saved and loaded back by path (the
 hub-free route users take), then driven only through the access layer.
@@ -13,9 +13,9 @@ import torch
 import transformers
 from torch import nn
 
-from hfedmoe.moe import hf_fused
-from hfedmoe.moe.access import NoMoELayersError, make_access
-from hfedmoe.moe.hf_fused import FusedMoEAccess, expert_key, split_expert_key
+from hfedmoe.moe import NoMoELayersError, fused, make_access
+from hfedmoe.moe.fused import FusedMoEAccess
+from hfedmoe.moe.state_keys import expert_key, split_expert_key
 
 B, T = 2, 5
 COMMON = dict(
@@ -105,7 +105,7 @@ families = pytest.mark.parametrize("name", list(FAMILIES))
 def test_make_access_finds_only_the_moe_layers(name, tmp_path):
     family = FAMILIES[name]
     model = load_tiny(name, tmp_path)
-    assert hf_fused.detect(model)
+    assert fused.detect_fused(model)
     access = make_access(model)
     assert isinstance(access, FusedMoEAccess)
     assert access.num_layers == len(family.moe_layers)
@@ -130,7 +130,7 @@ def test_virtual_key_format_round_trips():
 def test_a_dense_model_is_refused_with_a_clear_error():
     config = transformers.LlamaConfig(**COMMON, intermediate_size=16, num_hidden_layers=2)
     model = transformers.LlamaForCausalLM(config)
-    assert not hf_fused.detect(model)
+    assert not fused.detect_fused(model)
     with pytest.raises(NoMoELayersError, match="LlamaForCausalLM has no Mixture-of-Experts layer"):
         make_access(model)
     with pytest.raises(NoMoELayersError, match="no fused Mixture-of-Experts layer"):
@@ -357,7 +357,7 @@ def test_only_selected_experts_move_under_adamw(name, tmp_path):
     # the freeze did real work: an expert trained earlier has momentum, and distinct
     # selections happened
     assert len({tuple(s.flatten().tolist()) for s in selections}) > 1
-    exp_avg = [optimizer.state[p]["exp_avg"] for p in access._fused.values()]
+    exp_avg = [optimizer.state[p]["exp_avg"] for p in access.fused_parameters.values()]
     assert any(m.abs().sum() > 0 for m in exp_avg)
 
 
@@ -387,15 +387,15 @@ def test_freeze_keeps_the_optimizer_moments_of_unselected_slices(tmp_path):
     with access.freeze_unselected(all_experts, optimizer=optimizer):
         optimizer.step()  # every expert gets momentum
     optimizer.zero_grad(set_to_none=True)
-    fused = list(access._fused.values())
+    fused = list(access.fused_parameters.values())
     moments = [{k: optimizer.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in fused]
     loss = lm_loss(model, seed=2)
     selection = one_expert_per_layer(access, 0)
     loss.backward(inputs=access.trainable_parameters(selection))
     with access.freeze_unselected(selection, optimizer=optimizer):
         optimizer.step()
-    for key, param, saved in zip(access._fused, fused, moments):
-        keep = selection[access._fused_layer[key]]
+    for key, param, saved in zip(access.fused_parameters, fused, moments):
+        keep = selection[access.fused_layers[key]]
         for name, value in saved.items():
             now = optimizer.state[param][name]
             assert torch.equal(now[~keep], value[~keep]), (key, name)
@@ -410,7 +410,7 @@ def test_backward_masks_unselected_gradients_before_clipping(tmp_path):
     used = access.dispatch()[:, :, 0].flatten(0, 1).any(dim=0).nonzero().squeeze(1)
     selection[0, used[0]] = True  # one expert of layer 0, nothing in layer 1
     params = access.trainable_parameters(selection)
-    fused = access._fused
+    fused = access.fused_parameters
     ids = {id(p) for p in params}
     assert {id(fused[f"model.layers.0.mlp.experts.{p}"]) for p in ("gate_up_proj", "down_proj")} <= ids
     assert not {id(fused[f"model.layers.1.mlp.experts.{p}"]) for p in ("gate_up_proj", "down_proj")} & ids
@@ -473,7 +473,7 @@ def test_unselected_expert_parameters_are_the_wholly_unselected_fused_tensors(tm
     assert access.top_k == 2
     selection = torch.zeros(access.num_layers, access.num_experts, dtype=torch.bool)
     selection[0, 1] = True
-    fused = access._fused
+    fused = access.fused_parameters
     expected = [fused[f"model.layers.2.mlp.experts.{p}"] for p in ("gate_up_proj", "down_proj")]
     got = access.unselected_expert_parameters(selection)
     assert len(got) == 2 and all(a is b for a, b in zip(got, expected))
@@ -487,20 +487,20 @@ def test_set_selection_alone_masks_the_next_backward(tmp_path):
     selection[:, 0] = True
     access.set_selection(selection)
     lm_loss(model).backward()  # plain backward over everything
-    for param in access._fused.values():
+    for param in access.fused_parameters.values():
         assert param.grad[1:].abs().sum() == 0
     with access.freeze_unselected(selection):  # disarms the mask
         pass
     model.zero_grad(set_to_none=True)
     lm_loss(model).backward()  # control: unmasked, the other experts do get gradient
-    for param in access._fused.values():
+    for param in access.fused_parameters.values():
         assert param.grad[1:].abs().sum() > 0
 
 
 def test_a_wrapped_classification_head_is_new_too(tmp_path):
     # hfedmoe.task wraps the HF model ("model.score.weight"): the head must still get
     # the larger learning rate, and no router may.
-    from hfedmoe.task import HFSequenceClassifier
+    from hfedmoe.models.hf_wrappers import HFSequenceClassifier
 
     model = HFSequenceClassifier(load_tiny("mixtral", tmp_path, auto=transformers.AutoModelForSequenceClassification))
     assert make_access(model).new_parameter_names() == {"model.score.weight"}

@@ -24,7 +24,7 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.data import embedded_tokenizer_path, load_bbc_news, load_tokenizer
 from hfedmoe.fl.records import ReceivedUpload
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.moe.access import make_access
+from hfedmoe.moe import make_access
 from hfedmoe.task import build_model, load_client_data, moe_shape
 from proc_marker import MARKER, new_marker, stop_marked
 from test_hf_fused import COMMON, FAMILIES

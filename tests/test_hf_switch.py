@@ -1,4 +1,4 @@
-"""Model access for Switch Transformers, separate expert modules (hfedmoe.moe.hf_switch)."""
+"""Model access for Switch Transformers, separate expert modules (hfedmoe.moe.switch)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import transformers
 from torch import nn
 
-from hfedmoe.moe import hf_fused
-from hfedmoe.moe.hf_switch import SwitchMoEAccess, detect_switch
-from hfedmoe.moe.layers import MoEFeedForward
+from hfedmoe.models.moe_block import MoEFeedForward
+from hfedmoe.moe import fused
+from hfedmoe.moe.switch import SwitchMoEAccess, decoder_layer_flags, detect_switch
 
 B, T, L, S = 2, 5, 4, 4
 LAYERS = ["encoder.block.1.layer.1.mlp", "encoder.block.3.layer.1.mlp",
@@ -45,7 +45,7 @@ def expert_tensors(access: SwitchMoEAccess) -> dict[tuple[int, int], list[torch.
 
 def test_switch_layers_are_found_by_structure(tmp_path):
     model = load_switch(tmp_path)
-    assert detect_switch(model) and not hf_fused.detect(model)
+    assert detect_switch(model) and not fused.detect_fused(model)
     access = SwitchMoEAccess(model)
     assert (access.num_layers, access.num_experts, access.num_experts_total) == (L, S, L * S)
     assert access.layer_names == LAYERS
@@ -172,7 +172,8 @@ def test_switch_protocol_extras(tmp_path):
 
 
 def test_switch_router_classifiers_are_not_task_heads(tmp_path):
-    from hfedmoe.task import Seq2SeqAsLM
+    from hfedmoe.models.hf_wrappers import Seq2SeqAsLM
 
-    access = SwitchMoEAccess(Seq2SeqAsLM(load_switch(tmp_path)))
+    model = load_switch(tmp_path)
+    access = SwitchMoEAccess(Seq2SeqAsLM(model, decoder_layer_flags(model)))
     assert access.new_parameter_names() == set()

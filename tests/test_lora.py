@@ -14,9 +14,9 @@ import torch
 import transformers
 
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.moe.access import make_access
-from hfedmoe.moe.hf_fused import split_expert_key
+from hfedmoe.moe import make_access
 from hfedmoe.moe.lora import LoraMoEAccess, LoraTargetError, apply_lora, attention_projections
+from hfedmoe.moe.state_keys import split_expert_key
 from hfedmoe.task import build_model
 from test_hf_fused import FAMILIES, tiny_config
 from test_hf_models import one_round_replies, save_family, tokenizer, write_data  # noqa: F401  (tokenizer is a fixture)
@@ -75,16 +75,16 @@ def test_experts_without_tokens_get_no_adapter_gradient(name):
     model = lora_model(name)
     access = make_access(model)
     with torch.no_grad():  # non-zero lora_B so that lora_A gets gradient too
-        for key in access._packed:
-            access._params[key].normal_()
+        for key in access.packed_adapters:
+            access.model.get_parameter(key).normal_()
     model(input_ids=torch.tensor([[7]])).logits.sum().backward()
     dispatched = access.dispatch()[0, 0]  # [L, S]
     assert int(dispatched.sum(dim=1).max()) < access.num_experts  # some experts got no token
-    grads = {k: p.grad for k, p in access._params.items() if k in access._packed}
+    grads = {k: p.grad for k, p in access.model.named_parameters() if k in access.packed_adapters}
     for (layer, expert), keys in access.param_groups().experts.items():
         for key in keys:
             real, e = split_expert_key(key)
-            packed = access._packed[real]
+            packed = access.packed_adapters[real]
             grad = grads[real].index_select(packed.dim, packed.index([e]))
             assert bool(grad.abs().sum() > 0) == bool(dispatched[layer, expert]), (key, layer, expert)
 
@@ -127,19 +127,19 @@ def test_training_one_expert_changes_exactly_its_slices(name, layer):
     selection = torch.zeros(access.num_layers, access.num_experts, dtype=torch.bool)
     selection[layer, expert] = True
     before, base, state0 = slices(access), base_weights(access), access.state_dict()
-    raw = {k: access._params[k].detach().clone() for k in access._packed}
+    raw = {k: access.model.get_parameter(k).detach().clone() for k in access.packed_adapters}
     train_steps(access, selection)
     # Independently of our slice mapping, through PEFT's own unpacking (layer.py,
     # ParamWrapper.get_delta_weight): lora_A.reshape(E, r, in), lora_B.reshape(out, r, E).
     E = access.num_experts
     for key, old in raw.items():
-        new = access._params[key].detach()
+        new = access.model.get_parameter(key).detach()
         if ".lora_A." in key:  # [E, r, in]
             old, new = old.reshape(E, RANK, -1), new.reshape(E, RANK, -1)
         else:  # [out, r, E] -> [E, out, r]
             old, new = (t.reshape(t.shape[0], RANK, E).permute(2, 0, 1) for t in (old, new))
         for e in range(E):
-            trained = (access._packed[key].layer, e) == (layer, expert)
+            trained = (access.packed_adapters[key].layer, e) == (layer, expert)
             assert torch.equal(old[e], new[e]) != trained, (key, e)
     after = slices(access)
     for le, tensors in before.items():
@@ -150,9 +150,9 @@ def test_training_one_expert_changes_exactly_its_slices(name, layer):
                 assert torch.equal(old, new), key  # bit-identical, weight decay included
     # Independently of our slice mapping: PEFT's own delta weight (lora_B starts at zero)
     # is non-zero for the trained expert only.
-    for key in (k for k in access._packed if ".lora_B." in k):
+    for key in (k for k in access.packed_adapters if ".lora_B." in k):
         delta = wrapper_of(model, key).get_delta_weight("default")
-        trained = access._packed[key].layer == layer
+        trained = access.packed_adapters[key].layer == layer
         assert bool(delta[expert].abs().sum() > 0) == trained, key
         others = [e for e in range(access.num_experts) if e != expert]
         assert torch.equal(delta[others], torch.zeros_like(delta[others])), key
@@ -185,8 +185,8 @@ def test_freeze_keeps_unselected_moments_and_gradient_mask_applies_before_clippi
     optimizer = train_steps(access, everything, steps=2)  # every expert gets momentum
     one = torch.zeros_like(everything)
     one[:, 1] = True
-    key = next(k for k in access._packed if ".lora_B." in k)
-    packed, param = access._packed[key], access._params[key]
+    key = next(k for k in access.packed_adapters if ".lora_B." in k)
+    packed, param = access.packed_adapters[key], access.model.get_parameter(key)
     moments = {k: optimizer.state[param][k].clone() for k in ("exp_avg", "exp_avg_sq")}
     ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
     access.model(input_ids=ids).logits.square().mean().backward(inputs=access.trainable_parameters(one))

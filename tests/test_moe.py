@@ -9,15 +9,16 @@ import torch
 import transformers
 from torch.nn import functional as F
 
-from hfedmoe.moe.access import ModularMoEAccess, NoMoELayersError
-from hfedmoe.moe.layers import MoEFeedForward
-from hfedmoe.moe.upcycle import (
+from hfedmoe.models.moe_block import MoEFeedForward
+from hfedmoe.models.upcycled import (
     MoEClassifier,
     UpcycledSpec,
     build_upcycled_classifier,
     embedded_model_path,
     upcycle_bert_layers,
 )
+from hfedmoe.moe import NoMoELayersError
+from hfedmoe.moe.modular import ModularMoEAccess
 
 L, S, K = 2, 4, 2  # MoE layers, experts per layer, top-k of the tiny model
 

@@ -25,8 +25,8 @@ from hfedmoe.methods.fedmoe import fedmoe_max_experts, fedmoe_submodel
 from hfedmoe.methods.pfl_moe import preferred_experts
 from hfedmoe.methods.random_experts import random_policy
 from hfedmoe.methods.seer_moe import heavy_hitters, seer_keep_count
-from hfedmoe.moe.access import ModularMoEAccess
-from hfedmoe.moe.upcycle import MoEClassifier, upcycle_bert_layers
+from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
+from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.task import ClientData
 from hfedmoe.training import BatchRouting, LocalTrainConfig, train_local
 

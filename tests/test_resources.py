@@ -18,10 +18,10 @@ from hfedmoe.core.budget import (
     fit_memory_model,
     parse_bytes,
 )
-from hfedmoe.moe.access import ModularMoEAccess
 from hfedmoe.budgets import client_budgets, memory_budgets
-from hfedmoe.training.memory import PeakMemory
+from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.training import LocalTrainConfig, train_local
+from hfedmoe.training.memory import PeakMemory
 from test_moe import L, S, tiny_moe
 
 

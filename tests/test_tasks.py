@@ -18,10 +18,10 @@ import torch
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.data import encode_choices, encode_instructions, load_bbc_news
 from hfedmoe.data.files import load_choice_file, load_instruction_file
+from hfedmoe.models.hf_wrappers import LabelWordsClassifier
 from hfedmoe.training.objectives import CausalLM, MultipleChoice
 from hfedmoe.task import (
     DataSpec,
-    LabelWordsClassifier,
     build_model,
     hf_head,
     load_client_data,
@@ -310,7 +310,7 @@ def switch_dir(tmp_path_factory, tokenizer):  # noqa: F811
 
 
 def test_switch_as_lm_puts_decoder_logits_where_a_causal_lm_would(switch_dir, tmp_path):
-    from hfedmoe.task import Seq2SeqAsLM
+    from hfedmoe.models.hf_wrappers import Seq2SeqAsLM
 
     cfg = run_cfg(switch_dir, write_instructions(tmp_path / "sft.jsonl"), task="causal-lm",
                   text_column="instruction", response_column="output")

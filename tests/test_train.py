@@ -11,8 +11,8 @@ import torch
 import transformers
 
 from hfedmoe import core
-from hfedmoe.moe.access import ModularMoEAccess
-from hfedmoe.moe.upcycle import MoEClassifier, upcycle_bert_layers
+from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
+from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.training import LocalTrainConfig, evaluate, make_optimizer, train_local
 
 L, S, K, VOCAB, LABELS = 2, 4, 2, 100, 3

@@ -9,6 +9,7 @@ deterministic in the config's seed, so no data ever crosses the wire.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,19 @@ from hfedmoe.data import (
     train_test_split,
 )
 from hfedmoe.data.files import FORMATS, read_table
-from hfedmoe.moe.upcycle import UpcycledSpec, build_upcycled_classifier, embedded_model_path
+from hfedmoe.data.hub import HubDataset, load_hub_dataset, table_to_dataset
+from hfedmoe.models.hf_wrappers import (
+    HFCausalLM,
+    HFSequenceClassifier,
+    LabelWordsClassifier,
+    Seq2SeqAsLM,
+    Seq2SeqLabelWords,
+)
+from hfedmoe.models.upcycled import UpcycledSpec, build_upcycled_classifier, embedded_model_path
+from hfedmoe.moe import NoMoELayersError, make_access
+from hfedmoe.moe.fused import find_fused_blocks
+from hfedmoe.moe.lora import LoraTargetError, apply_lora, resolve_targets
+from hfedmoe.moe.switch import decoder_layer_flags
 
 
 def resolve_model_path(cfg: RunConfig) -> Path:
@@ -54,7 +67,7 @@ def model_kind(cfg: RunConfig) -> str:
 
 
 def _hf_config(cfg: RunConfig):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy (seconds): only paths that need it pay
 
     _quiet_transformers(cfg)
     path = resolve_model_path(cfg)
@@ -85,8 +98,6 @@ class DataSpec:
 
 def load_examples(spec: DataSpec) -> TextDataset:
     """All examples of the run's dataset, in ``spec.task``'s format (not yet split)."""
-    from hfedmoe.data.hub import HubDataset, load_hub_dataset, table_to_dataset
-
     if spec.dataset == EMBEDDED_DATASET:
         return load_bbc_news()
     path = Path(spec.dataset).expanduser()
@@ -157,6 +168,7 @@ def hf_head(cfg: RunConfig) -> str:
     and causal-lm tasks). Decided from the config's model type and transformers'
     auto-class tables, not from a list of model names.
     """
+    # heavy (seconds): only paths that need it pay
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
@@ -237,9 +249,6 @@ def _check_lora(cfg: RunConfig, model) -> None:
     if model is None:
         raise ConfigError(f"--lora-rank applies to Hugging Face MoE checkpoints with fused experts; --model "
                           f"{cfg.model!r} is upcycled here and fine-tuned fully: drop --lora-rank")
-    from hfedmoe.moe.hf_fused import find_fused_blocks
-    from hfedmoe.moe.lora import LoraTargetError, resolve_targets
-
     if not find_fused_blocks(model):
         raise ConfigError(f"--model {cfg.model!r}: --lora-rank needs fused experts (transformers 5.x Mixtral, "
                           "Qwen-MoE, DeepSeek, ...); this layout is fine-tuned fully: drop --lora-rank")
@@ -259,20 +268,14 @@ def num_moe_layers(cfg: RunConfig) -> int:
     if model_kind(cfg) == "upcycle":
         config = _hf_config(cfg) if cfg.model != EMBEDDED_MODEL else None
         if config is None:
-            import json
-
             return int(json.loads((resolve_model_path(cfg) / "config.json").read_text())["num_hidden_layers"])
         return int(config.num_hidden_layers)
-    import torch
-
     with torch.device("meta"):
         model = _hf_classifier(cfg, pretrained=False)
     return _access_or_error(cfg, model).num_layers
 
 
 def _access_or_error(cfg: RunConfig, model):
-    from hfedmoe.moe.access import NoMoELayersError, make_access
-
     try:
         return make_access(model)
     except NoMoELayersError as err:
@@ -285,6 +288,7 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
     Returns class logits (classification head or label words) or the LM's token
     logits (multiple-choice, causal-lm); see :func:`hf_head`.
     """
+    # heavy (seconds): only paths that need it pay
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     head = hf_head(cfg)
@@ -311,136 +315,10 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
     if head == "label-words":
         return LabelWordsClassifier(model, label_token_ids(cfg))
     if head == "seq2seq-label-words":
-        return Seq2SeqLabelWords(model, label_token_ids(cfg))
+        return Seq2SeqLabelWords(model, label_token_ids(cfg), decoder_layer_flags(model))
     if head == "seq2seq":
-        return Seq2SeqAsLM(model)
+        return Seq2SeqAsLM(model, decoder_layer_flags(model))
     return HFCausalLM(model)
-
-
-class HFSequenceClassifier(torch.nn.Module):
-    """``forward(input_ids, attention_mask) -> logits`` over a transformers model."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-class HFCausalLM(HFSequenceClassifier):
-    """``forward(input_ids, attention_mask) -> token logits [B, T, V]`` of a causal LM."""
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each row's last real token (left or right padding)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.bool() * (positions + 1)).argmax(dim=1)
-
-
-def _left_align(ids: torch.Tensor, keep: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Move each row's kept tokens to the front, in order: (ids, mask, source positions)."""
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    mask = keep.gather(1, order)
-    return torch.where(mask, ids.gather(1, order), pad_id), mask.long(), order
-
-
-def _layer_kinds(model: torch.nn.Module) -> list[bool]:
-    """Per sparse layer, in the access layer's order: True for a decoder layer."""
-    from hfedmoe.moe.hf_switch import find_switch_blocks
-
-    decoder = model.get_decoder()
-    in_decoder = {id(m) for m in decoder.modules()}
-    modules = dict(model.named_modules())
-    return [id(modules[block.name]) in in_decoder for block in find_switch_blocks(model)]
-
-
-class Seq2SeqAsLM(torch.nn.Module):
-    """An encoder-decoder seen as a language model over one sequence.
-
-    The batches of the multiple-choice and causal-lm tasks hold context and
-    continuation in one row; here the context (the row's tokens outside
-    ``continuation_mask``) is the encoder's input and the continuation is what the
-    decoder produces (teacher-forced). The decoder's logits are put back where a
-    causal LM's would be (the position before each continuation token), so the
-    objectives score both kinds of model alike.
-
-    Encoder and decoder layers route different tokens: ``last_routing_mask``
-    ([rows, T, L]) tells the expert scoring which positions are real in each layer.
-    """
-
-    splits_continuation = True
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self._decoder_layer = _layer_kinds(model)
-        self.last_routing_mask: torch.Tensor | None = None
-
-    def _run(self, ids, mask, continuation_mask, decoder_steps: int | None = None):
-        pad = self.model.config.pad_token_id or 0
-        start = self.model.config.decoder_start_token_id
-        start = pad if start is None else start
-        real = mask.bool()
-        cont = continuation_mask.bool() & real
-        enc_ids, enc_mask, _ = _left_align(ids, real & ~cont, pad)
-        dec_tokens, dec_mask, order = _left_align(ids, cont, pad)
-        ones = torch.ones_like(dec_mask[:, :1])
-        dec_in = torch.cat([torch.full_like(dec_tokens[:, :1], start), dec_tokens[:, :-1]], dim=1)
-        dec_in_mask = torch.cat([ones, dec_mask[:, :-1]], dim=1)
-        if decoder_steps is not None:  # classification: the decoder's first step only
-            dec_in_mask = torch.zeros_like(dec_in_mask)
-            dec_in_mask[:, :decoder_steps] = 1
-        out = self.model(input_ids=enc_ids, attention_mask=enc_mask, decoder_input_ids=dec_in,
-                         decoder_attention_mask=dec_in_mask).logits
-        layer_masks = [dec_in_mask if is_decoder else enc_mask for is_decoder in self._decoder_layer]
-        self.last_routing_mask = torch.stack(layer_masks, dim=2)
-        return out, dec_mask, order
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                continuation_mask: torch.Tensor) -> torch.Tensor:
-        out, dec_mask, order = self._run(input_ids, attention_mask, continuation_mask)
-        logits = torch.zeros_like(out)
-        rows, steps = torch.nonzero(dec_mask.bool(), as_tuple=True)
-        target = order[rows, steps] - 1  # a causal LM predicts token p at position p - 1
-        ok = target >= 0
-        return logits.index_put((rows[ok], target[ok]), out[rows[ok], steps[ok]])
-
-
-class Seq2SeqLabelWords(Seq2SeqAsLM):
-    """Classify with an encoder-decoder: the text through the encoder, the logits of
-    each label's first token at the decoder's first step."""
-
-    splits_continuation = False
-
-    def __init__(self, model: torch.nn.Module, label_token_ids: list[int]):
-        super().__init__(model)
-        self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out, _, _ = self._run(input_ids, attention_mask, torch.zeros_like(attention_mask), decoder_steps=1)
-        return out[:, 0, self.label_token_ids]
-
-
-class LabelWordsClassifier(torch.nn.Module):
-    """Classify with a causal LM: the logits of each label's first token after the text.
-
-    Only the label tokens' rows of the LM head are evaluated, at the last real
-    token of each row, so no [B, T, V] logits are built.
-    """
-
-    def __init__(self, model: torch.nn.Module, label_token_ids: list[int]):
-        super().__init__()
-        self.model = model
-        # Not state: the ids follow from the tokenizer and the labels, rebuilt identically everywhere.
-        self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = hidden[torch.arange(len(hidden)), last_token_index(attention_mask)]  # [B, H]
-        head = self.model.get_output_embeddings()
-        bias = None if getattr(head, "bias", None) is None else head.bias[self.label_token_ids]
-        return torch.nn.functional.linear(last, head.weight[self.label_token_ids], bias)
 
 
 def build_model(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
@@ -464,9 +342,6 @@ def _lora_classifier(cfg: RunConfig) -> torch.nn.Module:
     them from the checkpoint; the trainable state (adapters, routers, head) is seeded
     and then overwritten by the global state each round anyway.
     """
-    from hfedmoe.moe.access import NoMoELayersError
-    from hfedmoe.moe.lora import LoraTargetError, apply_lora
-
     model = _hf_classifier(cfg, pretrained=True)
     try:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha_value(), cfg.lora_target_names(), seed=cfg.seed)
@@ -479,7 +354,7 @@ def _lora_classifier(cfg: RunConfig) -> torch.nn.Module:
 @functools.lru_cache(maxsize=2)
 def _tokenizer(path: str):
     _quiet_transformers()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds): only paths that need it pay
 
     directory = Path(path)
     try:
@@ -568,7 +443,7 @@ def _quiet_transformers(cfg: RunConfig | None = None) -> None:
     # request to download (when online).
     if cfg is None or cfg.model == EMBEDDED_MODEL or Path(cfg.model).expanduser().is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy (seconds): only paths that need it pay
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -47,10 +47,10 @@ def analytic_model_for(access, batch_size: int, max_length: int) -> MemoryModel:
     # Per layer about 16 saved [tokens, width] tensors (attention, norms, residuals).
     activation_base = 16 * tokens * width * 4 * layers
     # A trained expert keeps its [tokens routed, inter] activations (x2: pre/post GELU).
-    top_k = getattr(access.layers[0], "top_k", 2) if hasattr(access, "layers") else 2
+    top_k = access.memory_estimate_top_k()
     activation_per_expert = 2 * (tokens * top_k // access.num_experts) * inter * 4
     # Fused tensors trained by full fine-tuning: full-size gradients, per-slice moments.
-    fused = experts if getattr(access, "optimizer_slices_experts", False) else None
+    fused = experts if access.optimizer_slices_experts else None
     return analytic_memory_model(weight_bytes(model), dense, int(per_expert), activation_base,
                                  activation_per_expert, fused_expert_bytes=fused)
 

@@ -1,6 +1,6 @@
 """Deferred expert backward for transformers 5.x fused experts.
 
-The fused twin of :class:`hfedmoe.moe.layers.DeferredExperts`. HFedMoE picks the experts
+The fused twin of :class:`hfedmoe.models.moe_block.DeferredExperts`. HFedMoE picks the experts
 to train from the routing of the very batch it trains on, so the selection is known only
 after the forward pass. Plain autograd through a fused experts module stores every routed
 expert's activations and back-propagates through all of them, although only the selected

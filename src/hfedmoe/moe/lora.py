@@ -1,18 +1,18 @@
 """LoRA on experts: PEFT adapters on fused expert tensors, driven per expert.
 
 :func:`apply_lora` injects PEFT LoRA into a transformers 5.x model with fused experts
-(see :mod:`hfedmoe.moe.hf_fused`): ``target_parameters`` on every fused expert tensor
+(see :mod:`hfedmoe.moe.fused`): ``target_parameters`` on every fused expert tensor
 (one rank-R adapter per expert, packed by PEFT into one ``lora_A``/``lora_B`` pair per
 tensor) and ``target_modules`` on dense ``nn.Linear`` projections (by default the
 attention projections, discovered from module structure). Base weights are frozen;
 routers and the task head stay fully trainable (routers are merged with the method's
 gate aggregation, the head with the dense parameters).
 
-:class:`LoraMoEAccess` implements :class:`~hfedmoe.moe.access.MoEAccess` on such a
+:class:`LoraMoEAccess` implements :class:`~hfedmoe.moe.protocol.MoEAccess` on such a
 model. Its state (what crosses the wire) holds ONLY the trainable tensors:
 
 - experts: each packed adapter tensor split into per-expert virtual keys
-  ``<real key>.__expert__.<e>`` (same convention as :mod:`hfedmoe.moe.hf_fused`);
+  ``<real key>.__expert__.<e>`` (same convention as :mod:`hfedmoe.moe.fused`, see :mod:`hfedmoe.moe.state_keys`);
 - routers: the router weights;
 - dense: the dense LoRA factors and the task head.
 
@@ -40,23 +40,23 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from hfedmoe.moe.access import NoMoELayersError
-from hfedmoe.moe.hf_fused import (
+from hfedmoe.moe.fused import FusedBlock, FusedMoEAccess, find_fused_blocks, fused_expert_count, router_child
+from hfedmoe.moe.protocol import NoMoELayersError
+from hfedmoe.moe.routing import has_hook, register_block_routing
+from hfedmoe.moe.state_keys import (
     HEAD_NAMES,
-    FusedBlock,
-    FusedMoEAccess,
-    _fused_expert_count,
-    _router_child,
+    check_selection,
     check_state_keys,
+    check_unique_keys,
     expert_key,
-    find_fused_blocks,
     split_expert_key,
 )
 
@@ -135,7 +135,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | N
     Parameters
     ----------
     model : nn.Module
-        A model with fused MoE blocks (see :func:`hfedmoe.moe.hf_fused.find_fused_blocks`).
+        A model with fused MoE blocks (see :func:`hfedmoe.moe.fused.find_fused_blocks`).
     rank, alpha : LoRA rank R and alpha (scaling alpha / R).
     targets : list of str, optional
         Leaf names of dense ``nn.Linear`` modules to adapt; None/empty: the attention
@@ -150,7 +150,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | N
     LoraTargetError
         A target names no LoRA-able module.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # optional, heavy: only runs with --lora-rank pay for it
 
     blocks = find_fused_blocks(model)
     if not blocks:
@@ -209,7 +209,7 @@ def find_lora_blocks(model: nn.Module) -> tuple[list[FusedBlock], list[PackedAda
     targeted tensor) around a fused expert module, next to a ``gate``/``router`` child
     with an ``[E, H]`` weight. The block's expert keys are the packed adapter factors.
     """
-    from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.lora.layer import ParamWrapper  # heavy: loaded only once a LoRA model exists
 
     blocks: list[FusedBlock] = []
     packed: list[PackedAdapter] = []
@@ -219,8 +219,8 @@ def find_lora_blocks(model: nn.Module) -> tuple[list[FusedBlock], list[PackedAda
         for child_name, child in module.named_children():
             if not isinstance(child, ParamWrapper):
                 continue
-            count = _fused_expert_count(child.get_base_layer())
-            router = _router_child(module, count) if count else None
+            count = fused_expert_count(child.get_base_layer())
+            router = router_child(module, count) if count else None
             if router is None:
                 continue
             keys = []
@@ -253,10 +253,10 @@ def _mask_packed_gradient(param: torch.Tensor) -> None:
 # --- the access object ----------------------------------------------------------------------------
 
 class LoraMoEAccess(FusedMoEAccess):
-    """:class:`~hfedmoe.moe.access.MoEAccess` over a LoRA-wrapped fused MoE model.
+    """:class:`~hfedmoe.moe.protocol.MoEAccess` over a LoRA-wrapped fused MoE model.
 
     Routing records, selection checks and the structure properties are those of
-    :class:`~hfedmoe.moe.hf_fused.FusedMoEAccess`; state and training act on the
+    :class:`~hfedmoe.moe.fused.FusedMoEAccess`; state and training act on the
     per-expert slices of the packed adapter factors (see the module docstring).
     """
 
@@ -299,20 +299,28 @@ class LoraMoEAccess(FusedMoEAccess):
             raise ValueError(f"{stray[0]} is trainable but not part of the LoRA state; apply_lora freezes the base")
         self._wire = [n for n in params if n in wire]
         self._virtual_keys = self._build_virtual_keys()
-        self._check_collisions()
+        check_unique_keys(self._virtual_keys, type(self.model).__name__)
         modules = dict(model.named_modules())
-        self._records = [self._register(modules[b.name], modules[b.router_name]) for b in self.blocks]
+        config = getattr(model, "config", None)
+        self._records = [register_block_routing(modules[b.name], modules[b.router_name], config, self.num_experts)
+                         for b in self.blocks]
         for key in self._packed:
             param = params[key]
             hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
-            if not any(h is _mask_packed_gradient for h in hooks.values()):
+            if not has_hook(hooks, _mask_packed_gradient):
                 param.register_post_accumulate_grad_hook(_mask_packed_gradient)
 
     def _build_virtual_keys(self) -> list[str]:
+        """The wire tensors in model order, each packed factor replaced by its E virtual keys."""
         keys = []
         for name in self._wire:
             keys += [expert_key(name, e) for e in range(self.num_experts)] if name in self._packed else [name]
         return keys
+
+    @property
+    def packed_adapters(self) -> Mapping[str, PackedAdapter]:
+        """Read-only view: real key of each packed adapter factor -> its expert layout."""
+        return types.MappingProxyType(self._packed)
 
     # --- state ------------------------------------------------------------------------------------
     def base_parameter_names(self) -> list[str]:
@@ -378,7 +386,7 @@ class LoraMoEAccess(FusedMoEAccess):
     def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
         """Dense LoRA + head + routers, and the packed factors of every layer with a selected
         expert (a slice cannot be a backward input on its own). Arms the gradient mask."""
-        selection = self._check_selection(selection)
+        selection = check_selection(selection, self.num_layers, self.num_experts)
         self.set_selection(selection)
         names = self._dense_params + self._router_params
         names += [k for k, p in self._packed.items() if selection[p.layer].any()]
@@ -386,13 +394,13 @@ class LoraMoEAccess(FusedMoEAccess):
 
     def set_selection(self, selection: torch.Tensor) -> None:
         """Arm the gradient mask: unselected experts' slices get a zero gradient on accumulation."""
-        selection = self._check_selection(selection)
+        selection = check_selection(selection, self.num_layers, self.num_experts)
         for key, packed in self._packed.items():
             _GRAD_KEEP[self._params[key]] = (packed.dim, self._dropped(packed, selection))
 
     def unselected_expert_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
         """Packed factors none of whose experts is selected (their optimizer state can go)."""
-        selection = self._check_selection(selection)
+        selection = check_selection(selection, self.num_layers, self.num_experts)
         return [self._params[k] for k, p in self._packed.items() if not selection[p.layer].any()]
 
     @contextlib.contextmanager
@@ -404,7 +412,7 @@ class LoraMoEAccess(FusedMoEAccess):
         Same contract as :meth:`FusedMoEAccess.freeze_unselected`, along each packed
         factor's expert dimension (rows of lora_A, strided columns of lora_B).
         """
-        selection = self._check_selection(selection)
+        selection = check_selection(selection, self.num_layers, self.num_experts)
         saved = []
         with torch.no_grad():
             for key, packed in self._packed.items():

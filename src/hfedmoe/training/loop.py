@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hfedmoe import core
-from hfedmoe.moe.access import MoEAccess, make_access
+from hfedmoe.moe import MoEAccess, make_access
 from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
 from hfedmoe.training.memory import PeakMemory, memtrace, weight_bytes
 from hfedmoe.training.objectives import objective_for
@@ -84,7 +84,7 @@ def make_optimizer(model: nn.Module, access: MoEAccess, cfg: LocalTrainConfig) -
     groups = [{"params": pretrained, "lr": cfg.lr}, {"params": fresh, "lr": cfg.lr * cfg.new_param_lr_mult}]
     # Fused expert tensors (one [E, ...] parameter per layer): AdamW per expert slice,
     # so unselected experts are neither moved nor given moments (hfedmoe.moe.slice_adamw).
-    adamw = ExpertSliceAdamW if getattr(access, "optimizer_slices_experts", False) else torch.optim.AdamW
+    adamw = ExpertSliceAdamW if access.optimizer_slices_experts else torch.optim.AdamW
     # The fused kernel (one pass per tensor instead of a dozen elementwise ops) is the
     # same AdamW update; on CPU it made the optimizer step about 5x faster (measured).
     # Parameters without a gradient (unselected experts) are skipped either way.

@@ -5,7 +5,7 @@ with a ``classifier`` Linear of weight [E, H]) and ``experts``, a ModuleDict of 
 separate ``expert_{i}`` FFNs. Sparse layers alternate with dense ones in both the
 encoder and the decoder; L counts every sparse MLP in module order (encoder layers
 first, then decoder layers). :class:`SwitchMoEAccess` implements the
-:class:`~hfedmoe.moe.access.MoEAccess` protocol over that layout.
+:class:`~hfedmoe.moe.protocol.MoEAccess` protocol over that layout.
 
 State keys are the model's own (one expert = its ``experts.expert_{i}.*`` tensors),
 so no virtual keys are needed, and training only the selected experts is exact by
@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfedmoe.moe.access import NoMoELayersError, ParamGroups
-from hfedmoe.moe.hf_fused import _RECORDS, _has_hook, _LayerRecord, check_state_keys, is_head_parameter
+from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups
+from hfedmoe.moe.routing import RECORDS, LayerRecord, has_hook
+from hfedmoe.moe.state_keys import check_selection, check_state_keys, is_head_parameter
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,19 @@ def detect_switch(model: nn.Module) -> bool:
     return bool(find_switch_blocks(model))
 
 
+def decoder_layer_flags(model: nn.Module) -> list[bool]:
+    """Per sparse layer, in :class:`SwitchMoEAccess`'s layer order: True for a layer of
+    ``model.get_decoder()`` (what :class:`~hfedmoe.models.hf_wrappers.Seq2SeqAsLM` needs
+    to mask each layer's routing to its real positions)."""
+    decoder = model.get_decoder()
+    in_decoder = {id(m) for m in decoder.modules()}
+    modules = dict(model.named_modules())
+    return [id(modules[block.name]) in in_decoder for block in find_switch_blocks(model)]
+
+
 def _switch_router_hook(module: nn.Module, args: tuple, output) -> None:
     """Record G_e and the (capacity-cut) top-1 dispatch from the router's outputs."""
-    record = _RECORDS.get(module)
+    record = RECORDS.get(module)
     if record is None:
         return
     if not (isinstance(output, tuple) and len(output) == 3 and output[0].shape == output[2].shape):
@@ -136,12 +147,12 @@ class SwitchMoEAccess:
         self._dense_params = [n for n in self._params if n not in grouped]
         self._records = [self._register(model.get_submodule(b.router_name)) for b in self.blocks]
 
-    def _register(self, router: nn.Module) -> _LayerRecord:
-        record = _RECORDS.get(router)
+    def _register(self, router: nn.Module) -> LayerRecord:
+        record = RECORDS.get(router)
         if record is None:
-            record = _LayerRecord("softmax", self.num_experts)
-            _RECORDS[router] = record
-        if not _has_hook(router._forward_hooks, _switch_router_hook):
+            record = LayerRecord("softmax", self.num_experts)
+            RECORDS[router] = record
+        if not has_hook(router._forward_hooks, _switch_router_hook):
             router.register_forward_hook(_switch_router_hook)
         return record
 
@@ -157,6 +168,14 @@ class SwitchMoEAccess:
 
     def expert_param_names(self, layer: int, expert: int) -> list[str]:
         return list(self._expert_keys[(layer, expert)])
+
+    def router_param_names(self) -> list[str]:
+        """State keys of the routers (their ``classifier`` weights)."""
+        return list(self._router_keys)
+
+    def dense_param_names(self) -> list[str]:
+        """State keys of everything else (attention, dense FFNs, norms, embeddings, heads)."""
+        return list(self._dense_keys)
 
     def param_groups(self) -> ParamGroups:
         return ParamGroups(self._expert_keys, self._router_keys, self._dense_keys, self.num_layers, self.num_experts)
@@ -190,11 +209,7 @@ class SwitchMoEAccess:
 
     # --- training ------------------------------------------------------------------------
     def _check_selection(self, selection: torch.Tensor) -> torch.Tensor:
-        shape = (self.num_layers, self.num_experts)
-        if tuple(selection.shape) != shape or selection.dtype != torch.bool:
-            got = f"{selection.dtype}{list(selection.shape)}"
-            raise ValueError(f"selection must be a BoolTensor{list(shape)}, got {got}")
-        return selection.cpu()
+        return check_selection(selection, self.num_layers, self.num_experts)
 
     def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
         """Dense + router parameters and the parameters of the selected experts only."""
@@ -217,10 +232,24 @@ class SwitchMoEAccess:
         """Deferred expert backward is not implemented for Switch: returns False."""
         return False
 
+    # Separate expert modules: the optimizer sees one tensor per expert, never slices.
+    optimizer_slices_experts = False
+
     @property
     def top_k(self) -> int:
         """Switch routes every token to one expert."""
         return 1
+
+    def memory_estimate_top_k(self) -> int:
+        """2, not :attr:`top_k` (1): the analytic memory estimate has always counted two
+        expert activations per token for the Hugging Face layouts (kept so that budgets
+        and calibrations do not change)."""
+        return 2
+
+    def router_modules(self) -> None:
+        """None: Switch routers return ``(expert_index, router_probs, router_logits)``, not
+        bare logits, so routing masks and gate-entropy losses do not apply to them yet."""
+        return None
 
     @contextlib.contextmanager
     def freeze_unselected(

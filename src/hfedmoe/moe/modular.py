@@ -1,91 +1,26 @@
-"""Model access: one small interface over a model's MoE structure.
+"""Model access for separate-expert ``MoEFeedForward`` blocks (the embedded model).
 
-Every layout implements the same methods (see :class:`MoEAccess`); the trainer and
-the Flower layer use nothing else. Layouts: separate expert modules
-(:class:`ModularMoEAccess`, the embedded upcycled model) here; fused 3-D expert
-tensors of transformers 5.x families in :mod:`hfedmoe.moe.hf_fused` when present.
-The wire/state format is always one key per expert tensor ("virtual" keys for
-fused layouts), so aggregation never sees the layout.
-
-
-Everything above this layer (the local trainer, the Flower strategy) talks about
-"expert e of MoE layer l", "the routers" and "the dense parameters"; this module
-maps those onto a concrete model's parameters and its routing records. Layers are
-found by module structure (every :class:`~hfedmoe.moe.layers.MoEFeedForward`),
-never by a list of model names.
-
-Parameter groups partition the model's trainable state:
-- experts: ``expert_param_names(l, e)``: the parameters of one routed expert;
-- routers: the gating networks G_l;
-- dense: everything else (attention, embeddings, norms, the task head).
+:class:`ModularMoEAccess` implements the :class:`~hfedmoe.moe.protocol.MoEAccess`
+protocol over every :class:`~hfedmoe.models.moe_block.MoEFeedForward` of a model (the
+upcycled encoder of :mod:`hfedmoe.models.upcycled`, or any model built from that
+block). State keys are the model's own; one expert = its ``experts.<e>.*`` tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-import contextlib
-from collections.abc import Iterator
-from typing import Protocol
-
-from hfedmoe.moe.layers import MoEFeedForward
+from hfedmoe.models.moe_block import MoEFeedForward
+from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups
 
 
-class NoMoELayersError(ValueError):
-    """The model has no Mixture-of-Experts layer this project knows how to drive."""
-
-
-class ParamGroups:
-    """Which state-dict keys are experts, routers and dense parameters.
-
-    A plain, model-free description the server-side strategy works with, so the
-    Flower layer never touches the model object. Built by
-    :meth:`ModularMoEAccess.param_groups`.
-    """
-
-    def __init__(
-        self,
-        experts: dict[tuple[int, int], list[str]],
-        routers: list[str],
-        dense: list[str],
-        num_layers: int,
-        num_experts: int,
-    ):
-        self.experts = {k: tuple(v) for k, v in experts.items()}
-        self.routers = tuple(routers)
-        self.dense = tuple(dense)
-        self.num_layers = num_layers
-        self.num_experts = num_experts
-        self.expert_of = {name: le for le, names in self.experts.items() for name in names}
-
-    @property
-    def all_expert_keys(self) -> list[str]:
-        return [name for names in self.experts.values() for name in names]
-
-
-class MoEAccess(Protocol):
-    """What the trainer and the Flower layer need from a MoE model."""
-
-    model: nn.Module
-    num_experts: int
-
-    @property
-    def num_layers(self) -> int: ...
-    def param_groups(self) -> "ParamGroups": ...
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None: ...
-    def new_parameter_names(self) -> set[str]: ...
-    def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]: ...
-    def freeze_unselected(
-        self, selection: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
-    ) -> contextlib.AbstractContextManager: ...
-    def enable_deferred_backward(self, enabled: bool) -> bool: ...
-    def unselected_expert_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]: ...
-    def set_selection(self, selection: torch.Tensor) -> None: ...
-    def router_probs(self) -> torch.Tensor: ...
-    def dispatch(self) -> torch.Tensor: ...
-    def aux_loss(self) -> torch.Tensor | None: ...
+def detect_modular(model: nn.Module) -> bool:
+    """True when ``model`` holds at least one separate-expert ``MoEFeedForward`` block."""
+    return any(isinstance(m, MoEFeedForward) for m in model.modules())
 
 
 class ModularMoEAccess:
@@ -137,6 +72,22 @@ class ModularMoEAccess:
         """L * S: the budget that trains every expert."""
         return self.num_layers * self.num_experts
 
+    # Separate expert modules: the optimizer sees one tensor per expert, never slices.
+    optimizer_slices_experts = False
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token of the first MoE layer (upcycled models use one top-k)."""
+        return self.layers[0].top_k
+
+    def memory_estimate_top_k(self) -> int:
+        """The analytic memory estimate counts each token's ``top_k`` expert activations."""
+        return self.top_k
+
+    def router_modules(self) -> list[nn.Module]:
+        """Each layer's ``router``: a bare Linear whose forward returns the router logits."""
+        return [layer.router for layer in self.layers]
+
     def expert_param_names(self, layer: int, expert: int) -> list[str]:
         """State-dict names of expert ``expert`` of MoE layer ``layer``."""
         return self._expert_names[(layer, expert)]
@@ -173,7 +124,7 @@ class ModularMoEAccess:
         """Back-propagate only through the experts selected after the forward pass.
 
         Saves the activation memory and the whole backward of unselected experts
-        (see :class:`~hfedmoe.moe.layers.DeferredExperts`); worth it only when the
+        (see :class:`~hfedmoe.models.moe_block.DeferredExperts`); worth it only when the
         budget leaves experts out. Returns whether the layout supports it (it does).
         """
         for layer in self.layers:
@@ -223,38 +174,9 @@ class ModularMoEAccess:
         """Mean load-balancing loss over the MoE layers (with gradient)."""
         return torch.stack([self._record(layer, "last_aux_loss") for layer in self.layers]).mean()
 
-    def router_modules(self) -> list[nn.Module]:
-        """Each MoE layer's router (its forward returns the router logits)."""
-        return [layer.router for layer in self.layers]
-
     @staticmethod
     def _record(layer: MoEFeedForward, attr: str) -> torch.Tensor:
         value = getattr(layer, attr)
         if value is None:
             raise RuntimeError("no routing recorded yet: run a forward pass first")
         return value
-
-
-def make_access(model: nn.Module) -> MoEAccess:
-    """The access layer for ``model``'s layout, detected from its module structure."""
-    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
-        return ModularMoEAccess(model)
-    try:
-        from hfedmoe.moe import hf_fused
-    except ImportError:  # fused layouts not available in this build
-        hf_fused = None
-    if hf_fused is not None:
-        from hfedmoe.moe import lora
-
-        if lora.is_lora_model(model):  # PEFT LoRA on fused experts: the state is the adapters
-            return lora.LoraMoEAccess(model)
-    if hf_fused is not None and hf_fused.detect(model):
-        return hf_fused.FusedMoEAccess(model)
-    from hfedmoe.moe import hf_switch
-
-    if hf_switch.detect_switch(model):
-        return hf_switch.SwitchMoEAccess(model)
-    raise NoMoELayersError(
-        f"{type(model).__name__} has no Mixture-of-Experts layer hfedmoe can drive: pass a MoE model "
-        "(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, Switch) or a BERT-style encoder to upcycle"
-    )

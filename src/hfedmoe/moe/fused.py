@@ -5,9 +5,9 @@ OLMoE, DeepSeek-V2/V3 and most newer families) are ONE module holding 3-D
 parameters, one slice per expert, e.g. ``experts.gate_up_proj [E, 2I, H]`` and
 ``experts.down_proj [E, H, I]``, next to a router module (``gate`` or ``router``)
 with a ``[E, H]`` weight that returns ``(router_logits, top_k_weights, top_k_index)``.
-:class:`FusedMoEAccess` implements the :class:`~hfedmoe.moe.access.MoEAccess`
+:class:`FusedMoEAccess` implements the :class:`~hfedmoe.moe.protocol.MoEAccess`
 protocol over that layout, with the same semantics as
-:class:`~hfedmoe.moe.access.ModularMoEAccess`.
+:class:`~hfedmoe.moe.modular.ModularMoEAccess`.
 
 Layers are found by module structure (see :func:`find_fused_blocks`), never by model
 class names, so dense layers (DeepSeek ``first_k_dense_replace``, Qwen
@@ -17,19 +17,13 @@ the MoE blocks only, in module order.
 Virtual keys (the wire format)
 ------------------------------
 Aggregation works per expert, so :meth:`FusedMoEAccess.state_dict` splits every
-fused tensor into one key per expert::
-
-    model.layers.1.mlp.experts.gate_up_proj               [E, 2I, H]   (real key)
-    model.layers.1.mlp.experts.gate_up_proj.__expert__.3  [2I, H]      (virtual key, e=3)
-
-``<real key>.__expert__.<e>``: the real key is the prefix, so the origin of every
-slice is readable; ``__expert__`` cannot be a parameter name (parameter names have no
-dots) and the constructor checks that no real key collides with a virtual one.
-All other keys are unchanged.
+fused tensor into one key per expert, ``<real key>.__expert__.<e>`` (see
+:mod:`hfedmoe.moe.state_keys`); the constructor checks that no real key collides with
+a virtual one. All other keys are unchanged.
 
 G_e per family (what :meth:`FusedMoEAccess.router_probs` returns)
 -----------------------------------------------------------------
-The router's forward output is recorded by a forward hook. G_e is the router's own
+The router's forward output is recorded by a forward hook (:mod:`hfedmoe.moe.routing`). G_e is the router's own
 score function applied to the logits the router returned, over ALL experts, i.e. the
 scores the model gathers its top-k expert weights from:
 
@@ -58,52 +52,28 @@ exactly like the router weights.)
 from __future__ import annotations
 
 import contextlib
-import math
-import weakref
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from hfedmoe.moe import fused_deferred
-from hfedmoe.moe.access import NoMoELayersError, ParamGroups
+import hfedmoe.moe.fused_deferred as fused_deferred
+from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups
+from hfedmoe.moe.routing import LayerRecord, has_hook, register_block_routing
 from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
+from hfedmoe.moe.state_keys import (
+    check_selection,
+    check_state_keys,
+    check_unique_keys,
+    expert_key,
+    is_head_parameter,
+    split_expert_key,
+)
 
-EXPERT_TAG = "__expert__"
 ROUTER_NAMES = ("gate", "router")  # sibling names of the experts module, in order of preference
-HEAD_NAMES = ("score", "classifier")  # task heads HF adds on top of a pretrained LM
-
-
-def is_head_parameter(name: str) -> bool:
-    """A parameter of a module named like a task head ("score.weight", "model.score.weight")."""
-    parts = name.split(".")
-    return len(parts) >= 2 and parts[-2] in HEAD_NAMES
-
-
-def expert_key(real_key: str, expert: int) -> str:
-    """Virtual state-dict key of slice ``expert`` of the fused tensor ``real_key``."""
-    return f"{real_key}.{EXPERT_TAG}.{expert}"
-
-
-def split_expert_key(key: str) -> tuple[str, int] | None:
-    """Inverse of :func:`expert_key`: ``(real_key, expert)``, or None for other keys."""
-    real, sep, index = key.rpartition(f".{EXPERT_TAG}.")
-    if not sep or not index.isdigit():
-        return None
-    return real, int(index)
-
-
-def check_state_keys(expected: list[str], state: dict[str, torch.Tensor]) -> None:
-    """Strict loading: ValueError naming the first missing or unknown key."""
-    known = set(expected)
-    missing = [k for k in expected if k not in state]
-    unknown = [k for k in state if k not in known]
-    for problem, keys in (("missing", missing), ("unknown", unknown)):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise ValueError(f"state has {problem} key {keys[0]!r}{more}")
 
 
 # --- structure ------------------------------------------------------------------------
@@ -134,7 +104,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _fused_expert_count(module: nn.Module) -> int | None:
+def fused_expert_count(module: nn.Module) -> int | None:
     """E if ``module`` stores experts fused, else None: it holds direct parameters
     only, at least one of them 3-D ([E, out, in]), and all share the first dim E >= 2."""
     direct = list(module.parameters(recurse=False))
@@ -146,7 +116,7 @@ def _fused_expert_count(module: nn.Module) -> int | None:
     return counts.pop() if len(counts) == 1 and min(counts) >= 2 else None
 
 
-def _router_child(block: nn.Module, num_experts: int) -> str | None:
+def router_child(block: nn.Module, num_experts: int) -> str | None:
     """Name of the block's router: a ``gate``/``router`` child with a direct [E, H] weight."""
     children = dict(block.named_children())
     for name in ROUTER_NAMES:
@@ -161,121 +131,35 @@ def find_fused_blocks(model: nn.Module) -> list[FusedBlock]:
     """Every fused MoE block of ``model``, in module order.
 
     A block is a module with (a) one or more children whose parameters are all fused
-    per-expert tensors of first dim E (see ``_fused_expert_count``) and (b) a sibling
+    per-expert tensors of first dim E (see ``fused_expert_count``) and (b) a sibling
     router child named ``gate`` or ``router`` with an ``[E, H]`` weight.
     """
     blocks = []
     for name, module in model.named_modules():
         experts: dict[int, list[str]] = {}
         for child_name, child in module.named_children():
-            count = _fused_expert_count(child)
+            count = fused_expert_count(child)
             if count is not None and child_name not in ROUTER_NAMES:
                 prefix = _join(name, child_name)
                 experts.setdefault(count, []).extend(
                     _join(prefix, p) for p, _ in child.named_parameters(recurse=False)
                 )
         for count, keys in experts.items():
-            router = _router_child(module, count)
+            router = router_child(module, count)
             if router is not None:
                 blocks.append(FusedBlock(name, _join(name, router), tuple(keys), count))
                 break
     return blocks
 
 
-def detect(model: nn.Module) -> bool:
+def detect_fused(model: nn.Module) -> bool:
     """True when ``model`` has at least one fused-expert MoE block."""
     return bool(find_fused_blocks(model))
 
 
-# --- routing records --------------------------------------------------------------------
-# Hooks are module-level functions and their state lives in a weak registry keyed by
-# module, not in closures over an access object: make_access() is called every round
-# on the same long-lived model, and per-access closures would pile up one hook set per
-# call. Registration is idempotent (checked by function identity), and a deep copy of
-# the model carries hooks that look up the COPY's modules, never the original's records.
+# --- gradient mask ----------------------------------------------------------------------
 
-class _LayerRecord:
-    """Routing of one MoE block in its last forward pass."""
-
-    def __init__(self, score_fn: str, num_experts: int):
-        self.score_fn = score_fn
-        self.num_experts = num_experts
-        self.tokens_shape: tuple[int, ...] | None = None  # [B, T] from the block's input
-        self.probs: torch.Tensor | None = None  # Tensor[B, T, S], float32, detached
-        self.dispatch: torch.Tensor | None = None  # BoolTensor[B, T, S]
-
-
-_RECORDS: "weakref.WeakKeyDictionary[nn.Module, _LayerRecord]" = weakref.WeakKeyDictionary()
 _GRAD_KEEP: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fused Parameter -> BoolTensor[E]
-
-
-def _block_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Record the block input's token shape: routers see flattened [B*T, H] states."""
-    record = _RECORDS.get(module)
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if record is not None and isinstance(hidden, torch.Tensor):
-        record.tokens_shape = tuple(hidden.shape[:-1])
-
-
-def _router_hook(module: nn.Module, args: tuple, output) -> None:
-    """Record G_e and the top-k dispatch from the router's own outputs."""
-    record = _RECORDS.get(module)
-    if record is None:
-        return
-    logits, indices = _parse_router_output(module, output, record.num_experts)
-    num_tokens = logits.numel() // record.num_experts
-    shape = record.tokens_shape
-    if shape is None or math.prod(shape) != num_tokens:
-        shape = (num_tokens,)  # router called outside its block: router_probs() will refuse
-    with torch.no_grad():
-        logits = logits.detach().reshape(num_tokens, record.num_experts).float()
-        probs = torch.softmax(logits, dim=-1) if record.score_fn == "softmax" else torch.sigmoid(logits)
-        record.probs = probs.reshape(*shape, record.num_experts)
-        record.dispatch = _dispatch_mask(indices.reshape(num_tokens, -1), record.num_experts).reshape(
-            *shape, record.num_experts
-        )
-
-
-def _parse_router_output(router: nn.Module, output, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [.., E], top-k indices [.., k]) out of the router's returned tuple."""
-    items = output if isinstance(output, (tuple, list)) else (output,)
-    logits = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()
-                   and t.dim() >= 1 and t.shape[-1] == num_experts), None)
-    indices = next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point()
-                    and t.dtype != torch.bool), None)
-    if logits is None or indices is None:
-        raise RuntimeError(
-            f"{type(router).__name__} returned {type(output).__name__} without router logits [.., {num_experts}] "
-            "and integer top-k indices; hfedmoe expects (router_logits, top_k_weights, top_k_index)"
-        )
-    return logits, indices
-
-
-def _dispatch_mask(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """BoolTensor[N, E] from top-k indices [N, k]; out-of-range indices (the sentinel
-    E used for dropped or remote tokens under expert parallelism) dispatch nowhere."""
-    indices = indices.long()
-    indices = torch.where((indices < 0) | (indices >= num_experts), num_experts, indices)
-    mask = torch.zeros(indices.shape[0], num_experts + 1, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(1, indices, True)[:, :num_experts]
-
-
-def _has_hook(hooks: dict, fn) -> bool:
-    return any(h is fn for h in hooks.values())
-
-
-def _score_function(router: nn.Module, config) -> str:
-    """The router's score function: "softmax" or "sigmoid" (see the module docstring)."""
-    declared = None
-    for cfg in (config, getattr(config, "text_config", None)):
-        declared = declared or getattr(cfg, "scoring_func", None)
-    if declared is not None:
-        if declared not in ("softmax", "sigmoid"):
-            raise NotImplementedError(f"router scoring function {declared!r} is not supported (softmax, sigmoid)")
-        return declared
-    if getattr(router, "e_score_correction_bias", None) is not None:
-        return "sigmoid"
-    return "softmax"
 
 
 def _mask_gradient(param: torch.Tensor) -> None:
@@ -339,11 +223,11 @@ class FusedMoEAccess:
         self._dense_keys = [k for k in self._state_keys if k not in routers and k not in self._fused]
         self._dense_params = [n for n in params if n not in routers and n not in self._fused]
         self._virtual_keys = self._build_virtual_keys()
-        self._check_collisions()
+        check_unique_keys(self._virtual_keys, type(self.model).__name__)
         self._records = [self._register(modules[b.name], modules[b.router_name]) for b in self.blocks]
         for param in self._fused.values():
             hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
-            if not _has_hook(hooks, _mask_gradient):
+            if not has_hook(hooks, _mask_gradient):
                 param.register_post_accumulate_grad_hook(_mask_gradient)
 
     def _build_virtual_keys(self) -> list[str]:
@@ -353,22 +237,9 @@ class FusedMoEAccess:
             keys += [expert_key(key, e) for e in range(self.num_experts)] if key in self._fused else [key]
         return keys
 
-    def _check_collisions(self) -> None:
-        if len(set(self._virtual_keys)) != len(self._virtual_keys):
-            raise ValueError(f"a real state key of {type(self.model).__name__} collides with a virtual expert key")
-
-    def _register(self, block: nn.Module, router: nn.Module) -> _LayerRecord:
-        """The block's shared routing record; hooks registered on first use only."""
-        record = _RECORDS.get(router)
-        if record is None:
-            record = _LayerRecord(_score_function(router, getattr(self.model, "config", None)), self.num_experts)
-            _RECORDS[router] = record
-            _RECORDS[block] = record
-        if not _has_hook(block._forward_pre_hooks, _block_pre_hook):
-            block.register_forward_pre_hook(_block_pre_hook, with_kwargs=True)
-        if not _has_hook(router._forward_hooks, _router_hook):
-            router.register_forward_hook(_router_hook)
-        return record
+    def _register(self, block: nn.Module, router: nn.Module) -> LayerRecord:
+        """The block's shared routing record (see :func:`~hfedmoe.moe.routing.register_block_routing`)."""
+        return register_block_routing(block, router, getattr(self.model, "config", None), self.num_experts)
 
     # --- structure -------------------------------------------------------------------
     @property
@@ -471,11 +342,7 @@ class FusedMoEAccess:
 
     # --- training ------------------------------------------------------------------------
     def _check_selection(self, selection: torch.Tensor) -> torch.Tensor:
-        shape = (self.num_layers, self.num_experts)
-        if tuple(selection.shape) != shape or selection.dtype != torch.bool:
-            got = f"{selection.dtype}{list(selection.shape)}"
-            raise ValueError(f"selection must be a BoolTensor{list(shape)}, got {got}")
-        return selection.cpu()
+        return check_selection(selection, self.num_layers, self.num_experts)
 
     def trainable_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]:
         """Dense + router parameters and the fused expert tensors of every layer with at
@@ -509,7 +376,7 @@ class FusedMoEAccess:
         selection = self._check_selection(selection)
         for key, param in self._fused.items():
             _GRAD_KEEP[param] = selection[self._fused_layer[key]].clone()
-        for layer, module in enumerate(self._experts_modules()):
+        for layer, module in enumerate(self.experts_modules()):
             if fused_deferred.installed(module):
                 setattr(module, fused_deferred.SELECTION_ATTR, selection[layer].clone())
 
@@ -527,7 +394,7 @@ class FusedMoEAccess:
     # Expert index first in every fused tensor: an optimizer can work slice by slice.
     optimizer_slices_experts = True
 
-    def _experts_modules(self) -> list[nn.Module]:
+    def experts_modules(self) -> list[nn.Module]:
         """The fused experts module of each MoE layer (the owner of its 3-D tensors)."""
         return [self.model.get_submodule(block.expert_keys[0].rsplit(".", 1)[0]) for block in self.blocks]
 
@@ -539,7 +406,7 @@ class FusedMoEAccess:
         eager gated MLP of the transformers 5.x families; any other experts module
         (biases, transposed weights, a PEFT wrapper) keeps plain autograd.
         """
-        modules = self._experts_modules()
+        modules = self.experts_modules()
         supported = all(fused_deferred.supports_deferred(m) for m in modules)
         for module in modules:
             fused_deferred.install(module, enabled and supported)
@@ -550,6 +417,27 @@ class FusedMoEAccess:
         """Experts per token, read from the first router (None if it does not say)."""
         router = self.model.get_submodule(self.blocks[0].router_name)
         return getattr(router, "top_k", None)
+
+    def memory_estimate_top_k(self) -> int:
+        """2, whatever :attr:`top_k` says: the analytic memory estimate has always counted
+        two expert activations per token for the Hugging Face layouts (kept so that
+        budgets and calibrations do not change)."""
+        return 2
+
+    def router_modules(self) -> None:
+        """None: fused routers return ``(logits, top-k weights, top-k indices)``, not bare
+        logits, so routing masks and gate-entropy losses do not apply to them yet."""
+        return None
+
+    @property
+    def fused_parameters(self) -> Mapping[str, nn.Parameter]:
+        """Read-only view: real state key -> fused expert tensor (first dim E), model order."""
+        return types.MappingProxyType(self._fused)
+
+    @property
+    def fused_layers(self) -> Mapping[str, int]:
+        """Read-only view: real state key of each fused expert tensor -> its MoE layer."""
+        return types.MappingProxyType(self._fused_layer)
 
     @contextlib.contextmanager
     def freeze_unselected(

@@ -1,0 +1,115 @@
+"""The FAMILIES table (hfedmoe.moe.families) and the MoEAccess protocol every family implements."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from hfedmoe.models.upcycled import UpcycledSpec, build_upcycled_classifier, embedded_model_path
+from hfedmoe.moe import FAMILIES, MoEAccess, NoMoELayersError, make_access
+from hfedmoe.moe.families import family_of
+from hfedmoe.moe.fused import FusedMoEAccess
+from hfedmoe.moe.lora import LoraMoEAccess, apply_lora
+from hfedmoe.moe.modular import ModularMoEAccess
+from hfedmoe.moe.switch import SwitchMoEAccess
+from test_hf_fused import FAMILIES as HF_FAMILIES
+from test_hf_fused import tiny_config
+from test_moe import K, L, tiny_bert, tiny_moe
+
+
+def protocol_members() -> set[str]:
+    """Every member MoEAccess declares: annotated attributes, properties and methods."""
+    declared = set(MoEAccess.__annotations__)
+    declared |= {n for n in vars(MoEAccess) if not n.startswith("_")}
+    return declared
+
+
+def tiny_fused() -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(HF_FAMILIES["mixtral"]))
+
+
+def tiny_lora() -> nn.Module:
+    config = tiny_config(HF_FAMILIES["qwen2_moe"])
+    config.num_labels = 3
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    return apply_lora(model, 2, 4.0, None, seed=0)
+
+
+def tiny_switch() -> nn.Module:
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=100, d_model=32, d_kv=16, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=2,
+        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=64,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    return transformers.SwitchTransformersForConditionalGeneration(config)
+
+
+def embedded() -> nn.Module:
+    spec = UpcycledSpec(base_path=str(embedded_model_path()), num_labels=3, num_experts=4, top_k=2)
+    return build_upcycled_classifier(spec, pretrained=False)
+
+
+CASES = {  # builder, family name, access class, optimizer_slices_experts, router_modules given
+    "embedded": (embedded, "modular", ModularMoEAccess, False, True),
+    "tiny-upcycled": (tiny_moe, "modular", ModularMoEAccess, False, True),
+    "fused": (tiny_fused, "fused", FusedMoEAccess, True, False),
+    "lora": (tiny_lora, "lora", LoraMoEAccess, False, False),
+    "switch": (tiny_switch, "switch", SwitchMoEAccess, False, False),
+}
+
+
+def test_the_table_is_ordered_and_names_each_family_once():
+    names = [family.name for family in FAMILIES]
+    assert names == ["modular", "lora", "fused", "switch"]
+    # LoRA wraps fused experts, so it must be tried before the bare fused layout.
+    assert names.index("lora") < names.index("fused")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_make_access_picks_the_family_of_the_layout(case):
+    build, name, cls, _, _ = CASES[case]
+    model = build()
+    assert family_of(model).name == name
+    access = make_access(model)
+    assert type(access) is cls and access.model is model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_access_class_implements_every_protocol_member(case):
+    build, _, cls, slices, has_routers = CASES[case]
+    access = make_access(build())
+    assert isinstance(access, MoEAccess)
+    for name in sorted(protocol_members()):
+        assert hasattr(access, name), f"{cls.__name__} lacks protocol member {name}"
+        declared = inspect.getattr_static(MoEAccess, name, None)
+        if inspect.isfunction(declared):
+            assert callable(getattr(access, name)), f"{cls.__name__}.{name} is not callable"
+    assert access.optimizer_slices_experts is slices
+    assert access.num_experts_total == access.num_layers * access.num_experts
+    assert len(access.layer_names) == access.num_layers
+    routers = access.router_modules()
+    if has_routers:
+        assert len(routers) == access.num_layers and all(isinstance(r, nn.Linear) for r in routers)
+    else:
+        assert routers is None
+
+
+def test_memory_estimate_top_k_keeps_the_resource_model_s_values():
+    # The analytic memory model used the modular layer's top_k and 2 for every other layout.
+    assert make_access(tiny_moe(top_k=K)).memory_estimate_top_k() == K
+    assert make_access(tiny_moe(top_k=1)).memory_estimate_top_k() == 1
+    for build in (tiny_fused, tiny_lora, tiny_switch):
+        assert make_access(build()).memory_estimate_top_k() == 2
+    assert make_access(tiny_switch()).top_k == 1  # the protocol's top_k is the model's own value
+
+
+def test_a_dense_model_is_refused_with_one_clear_message():
+    with pytest.raises(NoMoELayersError, match=r"BertModel has no Mixture-of-Experts layer hfedmoe can drive"):
+        make_access(tiny_bert())
+    assert L == make_access(tiny_moe()).num_layers

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hfedmoe.bench import quick_config
 from hfedmoe.fl.processes import descendants
-from hfedmoe.task import build_model, endless, load_client_data, load_test_batches
+from hfedmoe.recipe import build_model, endless, load_client_data, load_test_batches
 from hfedmoe.training import LocalTrainConfig, evaluate, set_torch_threads, train_local
 
 

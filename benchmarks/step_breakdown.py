@@ -33,7 +33,7 @@ from hfedmoe import core
 from hfedmoe.config import RunConfig
 from hfedmoe.models import moe_block as moe_layers
 from hfedmoe.moe import make_access
-from hfedmoe.task import build_model, endless, load_client_data
+from hfedmoe.recipe import build_model, endless, load_client_data
 from hfedmoe.training import LocalTrainConfig, hfedmoe_policy, make_optimizer, set_torch_threads
 
 TIMES: dict[str, float] = defaultdict(float)

@@ -25,7 +25,7 @@ from hfedmoe.data import embedded_tokenizer_path, load_bbc_news, load_tokenizer
 from hfedmoe.fl.records import ReceivedUpload
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe import make_access
-from hfedmoe.task import build_model, load_client_data, moe_shape
+from hfedmoe.recipe import build_model, load_client_data, moe_shape
 from proc_marker import MARKER, new_marker, stop_marked
 from test_hf_fused import COMMON, FAMILIES
 
@@ -121,7 +121,7 @@ def test_other_file_formats_load_the_same_data(suffix, tmp_path, tokenizer):
 def test_olmoe_without_a_classification_head_falls_back_to_label_words(tmp_path, tokenizer):
     # transformers has no OlmoeForSequenceClassification: classification reads the
     # LM's logits of the label words instead (tests/test_tasks.py runs its round).
-    from hfedmoe.task import hf_head
+    from hfedmoe.recipe import hf_head
 
     model_dir = save_family("olmoe", tmp_path / "olmoe", tokenizer)
     cfg = RunConfig(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",
@@ -154,7 +154,7 @@ def test_bad_data_files_fail_with_one_clear_message(problem, content, match, tmp
     path = tmp_path / "bad.csv"
     path.write_text(content)
     cfg = RunConfig(dataset=str(path), text_column="body", label_column="topic")
-    from hfedmoe.task import load_client_data as load
+    from hfedmoe.recipe import load_client_data as load
 
     with pytest.raises(ConfigError, match=match):
         load(cfg, 0)

@@ -17,7 +17,7 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.moe import make_access
 from hfedmoe.moe.lora import LoraMoEAccess, LoraTargetError, apply_lora, attention_projections
 from hfedmoe.moe.state_keys import split_expert_key
-from hfedmoe.task import build_model
+from hfedmoe.recipe import build_model
 from test_hf_fused import FAMILIES, tiny_config
 from test_hf_models import one_round_replies, save_family, tokenizer, write_data  # noqa: F401  (tokenizer is a fixture)
 
@@ -320,7 +320,7 @@ def test_lora_flags_parse_from_the_command_line():
 
 def test_an_unknown_target_of_a_checkpoint_is_a_config_error(tmp_path, tokenizer, capsys):  # noqa: F811
     from hfedmoe.cli import main
-    from hfedmoe.task import moe_shape
+    from hfedmoe.recipe import moe_shape
 
     model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
     data = write_data(tmp_path / "d.csv")

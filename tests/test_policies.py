@@ -27,7 +27,7 @@ from hfedmoe.methods.random_experts import random_policy
 from hfedmoe.methods.seer_moe import heavy_hitters, seer_keep_count
 from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
 from hfedmoe.moe.modular import ModularMoEAccess
-from hfedmoe.task import ClientData
+from hfedmoe.recipe import ClientData
 from hfedmoe.training import BatchRouting, LocalTrainConfig, train_local
 
 L, S, K, VOCAB, LABELS = 2, 4, 2, 100, 3

@@ -20,7 +20,7 @@ from hfedmoe.data import encode_choices, encode_instructions, load_bbc_news
 from hfedmoe.data.files import load_choice_file, load_instruction_file
 from hfedmoe.models.hf_wrappers import LabelWordsClassifier
 from hfedmoe.training.objectives import CausalLM, MultipleChoice
-from hfedmoe.task import (
+from hfedmoe.recipe import (
     DataSpec,
     build_model,
     hf_head,

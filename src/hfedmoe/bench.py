@@ -37,7 +37,7 @@ from hfedmoe.fl.records import ReceivedUpload, raw_nbytes
 from hfedmoe.fl.simulation import run_simulation
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe import make_access
-from hfedmoe.task import build_model, load_client_data, load_test_batches
+from hfedmoe.recipe import build_model, load_client_data, load_test_batches
 from hfedmoe.training import evaluate, set_torch_threads
 
 

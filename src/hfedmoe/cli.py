@@ -28,7 +28,7 @@ from hfedmoe.methods import METHODS
 from hfedmoe.moe import make_access
 from hfedmoe.progress import RichReporter
 from hfedmoe.rundir import RunRecorder, default_run_dir
-from hfedmoe.task import build_model, moe_shape
+from hfedmoe.recipe import build_model, moe_shape
 
 _HELP = {
     "rounds": "federated rounds",

@@ -15,7 +15,7 @@ import torch
 from hfedmoe.config import RunConfig
 from hfedmoe.methods import ClientContext, get_method
 from hfedmoe.moe import MoEAccess, ParamGroups
-from hfedmoe.task import ClientData, build_model
+from hfedmoe.recipe import ClientData, build_model
 from hfedmoe.training import LocalTrainConfig, LocalTrainResult, batches_from_round, train_local
 from hfedmoe.training.memory import bound_allocator
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.methods import merge_names, method_names, server_merges
-from hfedmoe.task import moe_shape
+from hfedmoe.recipe import moe_shape
 
 TARGET_ACCURACY = 0.9
 ENGINES = ("flower", "inprocess")

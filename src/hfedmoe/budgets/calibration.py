@@ -21,7 +21,7 @@ import torch
 
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.core.budget import MemoryModel, analytic_memory_model, fit_memory_model
-from hfedmoe.task import build_model, endless, load_client_data, resolve_model_path
+from hfedmoe.recipe import build_model, endless, load_client_data, resolve_model_path
 from hfedmoe.training import LocalTrainConfig, set_torch_threads, train_local
 from hfedmoe.training.memory import bound_allocator, weight_bytes
 

@@ -23,7 +23,7 @@ from hfedmoe.fl.dp import sparse_local_dp_mod
 from hfedmoe.fl.ray_transport import use_out_of_band_arrays
 from hfedmoe.fl.records import encode_upload, record_to_state
 from hfedmoe.moe import make_access
-from hfedmoe.task import ClientData, build_model, load_client_data
+from hfedmoe.recipe import ClientData, build_model, load_client_data
 from hfedmoe.training import set_torch_threads
 from hfedmoe.training.memory import memtrace
 

@@ -24,7 +24,7 @@ from hfedmoe.budgets import client_budgets
 from hfedmoe.methods import server_merges
 from hfedmoe.moe import make_access
 from hfedmoe.rundir import RunRecorder, default_run_dir
-from hfedmoe.task import build_model, label_names, load_test_batches, model_spec
+from hfedmoe.recipe import build_model, label_names, load_test_batches, model_spec
 from hfedmoe.training import evaluate, set_torch_threads
 
 

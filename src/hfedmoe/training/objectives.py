@@ -4,7 +4,7 @@ The trainer and the evaluator only call :meth:`Objective.loss` and
 :meth:`Objective.eval_sums`; everything task-specific lives here:
 
 - classification: cross-entropy over class logits (a classification head, or a
-  causal LM's logits of each label's first token: ``hfedmoe.task`` builds both
+  causal LM's logits of each label's first token: ``hfedmoe.recipe`` builds both
   as ``model(input_ids, attention_mask) -> [B, C]``).
 - multiple-choice: each example's K choices are scored by the length-normalised
   log-likelihood of the choice tokens under the causal LM; training minimises the
@@ -15,7 +15,7 @@ The trainer and the evaluator only call :meth:`Objective.loss` and
 The loss also returns the token mask the MoE routing of this forward pass was
 recorded over ([rows, T]), which the expert scoring pools with: a multiple-choice
 batch of B examples is B*K rows of the language model. An encoder-decoder wrapper
-(``hfedmoe.task.Seq2SeqAsLM``) routes the context through its encoder and the
+(``hfedmoe.models.hf_wrappers.Seq2SeqAsLM``) routes the context through its encoder and the
 continuation through its decoder; it takes the continuation mask and reports its
 own per-layer routing mask ([rows, T, L]).
 """

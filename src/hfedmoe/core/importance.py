@@ -11,7 +11,7 @@ from torch import Tensor
 POOLING_MODES = ("mean", "max")
 
 
-def _check_tensor(t: object, name: str, ndim: int, dims: str) -> None:
+def check_tensor(t: object, name: str, ndim: int, dims: str) -> None:
     """Raise ValueError unless ``t`` is a floating tensor with ``ndim`` dims (named ``dims``)."""
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {dims}, got {type(t).__name__}")
@@ -53,7 +53,7 @@ def pool_token_scores(
         On a wrong ndim/dtype, a mask whose shape is not [B, T] or whose values are not
         0/1, an unknown ``mode``, or a sample with no non-padding token.
     """
-    _check_tensor(token_scores, "token_scores", 4, "[B, T, L, S]")
+    check_tensor(token_scores, "token_scores", 4, "[B, T, L, S]")
     if mode not in POOLING_MODES:
         raise ValueError(f"pooling mode must be one of {POOLING_MODES}, got {mode!r}")
     B, T = token_scores.shape[:2]
@@ -110,7 +110,7 @@ def importance(gates: Tensor, lam: float = 0.9) -> Tensor:
         If ``gates`` is not a floating [B, L, S] tensor with B >= 1, or ``lam`` is
         outside [0, 1].
     """
-    _check_tensor(gates, "gates", 3, "[B, L, S]")
+    check_tensor(gates, "gates", 3, "[B, L, S]")
     if gates.shape[0] == 0:
         raise ValueError("gates has no samples (B = 0); importance needs at least one sample")
     if not 0.0 <= lam <= 1.0:
@@ -141,7 +141,7 @@ def expert_usage(gate_sums: Tensor, num_samples: int) -> Tensor:
     ValueError
         If ``gate_sums`` is not a floating [L, S] tensor or ``num_samples`` <= 0.
     """
-    _check_tensor(gate_sums, "gate_sums", 2, "[L, S]")
+    check_tensor(gate_sums, "gate_sums", 2, "[L, S]")
     if num_samples <= 0:
         raise ValueError(
             f"num_samples must be > 0 (the number of samples summed into gate_sums), "

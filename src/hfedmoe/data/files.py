@@ -32,7 +32,7 @@ def read_table(path: str | Path):
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .jsonl or .parquet")
-    import datasets
+    import datasets  # heavy (pyarrow, seconds): only reading a data file pays for it
 
     datasets.disable_progress_bars()
     reader = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json,

@@ -54,7 +54,7 @@ def hub_spec(dataset_id: str, task: str) -> HubDataset | None:
 
 def fetch_table(dataset_id: str, subset: str | None, split: str):
     """Download (or read from the local datasets cache) one split of a hub dataset."""
-    import datasets
+    import datasets  # heavy (pyarrow, seconds): only a hub dataset pays for it
 
     try:
         return datasets.load_dataset(dataset_id, subset, split=split)

@@ -214,8 +214,9 @@ def partition_dirichlet(
 
     # Imported here: `datasets` and flwr-datasets take ~1 s to import and only
     # this function needs them.
+    # heavy (pyarrow, seconds): only the Dirichlet split pays for them
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner  # same reason
 
     partitioner = DirichletPartitioner(
         num_partitions=num_partitions,

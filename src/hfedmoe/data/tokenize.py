@@ -77,7 +77,7 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
         If ``path`` is not an existing directory (a hub id is not accepted, so a
         typo cannot silently trigger a download attempt).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds): only loading a tokenizer pays for it
 
     directory = embedded_tokenizer_path() if path is None else Path(path)
     if not directory.is_dir():

@@ -14,6 +14,7 @@ by default.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -22,6 +23,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.config import RunConfig
+from hfedmoe.fl.client_app import app as client_app
+from hfedmoe.fl.server_app import run_server
 
 SERVER_NODE_ID = 0
 _RUN_ID = 1
@@ -103,11 +106,6 @@ def _server_identity() -> Iterator[None]:
 
 def run_inprocess(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict:
     """Run ``cfg`` with ``cfg.clients`` in-process nodes; return the run summary."""
-    import logging
-
-    from hfedmoe.fl.client_app import app as client_app
-    from hfedmoe.fl.server_app import run_server
-
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     with _server_identity():

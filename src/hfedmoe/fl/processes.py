@@ -40,18 +40,18 @@ def stop_descendants(grace_s: float = 5.0, also: list[int] | tuple[int, ...] = (
     whose raylet exits first is re-parented to init and is no longer our descendant;
     a snapshot taken while the tree was intact still names it.
     """
-    pids = list(dict.fromkeys([*descendants(), *(p for p in also if _alive(p))]))
+    pids = list(dict.fromkeys([*descendants(), *(p for p in also if is_alive(p))]))
     for pid in pids:
-        _signal(pid, signal.SIGTERM)
+        send_signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(is_alive(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
+        if is_alive(pid):
+            send_signal(pid, signal.SIGKILL)
     # A killed process takes a few ms to exit; wait so it can be reaped below.
     deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(is_alive(p) for p in pids):
         time.sleep(0.01)
     # Reap our direct children so they do not linger as zombies.
     for pid in pids:
@@ -62,7 +62,7 @@ def stop_descendants(grace_s: float = 5.0, also: list[int] | tuple[int, ...] = (
     return pids
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -70,7 +70,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _signal(pid: int, sig: int) -> None:
+def send_signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

@@ -69,7 +69,7 @@ def use_out_of_band_arrays(receiver: str) -> None:
     simulation engine, from ``hfedmoe run`` or ``flwr run``). The deployment engine
     (no Ray) never calls it.
     """
-    import ray.util
+    import ray.util  # only inside a Ray process (the simulation engine); elsewhere never loaded
 
     rebuild = {"view": _array_viewing_parts, "copy": _array_copying_parts}[receiver]
     ray.util.register_serializer(Array, serializer=_array_parts, deserializer=rebuild)

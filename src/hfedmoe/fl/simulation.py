@@ -42,10 +42,12 @@ def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    from flwr.simulation import run_simulation as flwr_run_simulation
+    # Imported once the environment above is set (huggingface_hub reads HF_HUB_OFFLINE when
+    # first imported), and only here: flwr.simulation brings in Ray.
+    from flwr.simulation import run_simulation as flwr_run_simulation  # noqa: I001
 
-    from hfedmoe.fl.client_app import app as client_app
-    from hfedmoe.fl.server_app import make_server_app
+    from hfedmoe.fl.client_app import app as client_app  # same reason as the line above
+    from hfedmoe.fl.server_app import make_server_app  # same reason
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -74,7 +76,7 @@ def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict
         # the shutdown leave the tree but must still be stopped.
         tree = descendants()
         try:
-            import ray
+            import ray  # loaded by Flower's simulation engine by now; stopped here if still up
 
             if ray.is_initialized():
                 ray.shutdown()

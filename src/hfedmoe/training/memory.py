@@ -17,6 +17,7 @@ here).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -42,8 +43,6 @@ def release_free_memory() -> None:
     block onto its own mmap would make RSS exact, but measured 1.7x slower steps.)
     A no-op where glibc is not the allocator."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -69,8 +68,6 @@ def bound_allocator(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     default. Process-wide and permanent; returns False where mallopt is unavailable.
     """
     try:
-        import ctypes
-
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
     except (OSError, AttributeError):
         return False
@@ -115,7 +112,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         peak = status_bytes("VmHWM") if self.exact else None
         if peak is None:
-            import resource
+            import resource  # Unix only: the fallback where /proc is missing
 
             self.exact = False
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,7 +1,7 @@
 """Where a local training step's time goes, by experts trained per batch (issue 5).
 
-Runs HFedMoE's local step (hfedmoe.training.train_local's loop body, same calls) on the
-embedded model and times its phases:
+Runs HFedMoE's local round (hfedmoe.training.train_local itself) on the embedded model
+and times its phases through the loop's ``on_phase`` hook:
 
 - forward: model forward + loss + aux loss; of which ``moe_fwd`` inside the MoE blocks
 - select: pooling, importance, I_b, select_experts
@@ -27,14 +27,12 @@ import time
 from collections import defaultdict
 
 import torch
-from torch.nn import functional as F
 
-from hfedmoe import core
 from hfedmoe.config import RunConfig
 from hfedmoe.models import moe_block as moe_layers
 from hfedmoe.moe import make_access
 from hfedmoe.recipe import build_model, endless, load_client_data
-from hfedmoe.training import LocalTrainConfig, hfedmoe_policy, make_optimizer, set_torch_threads
+from hfedmoe.training import LocalTrainConfig, set_torch_threads, train_local
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -78,8 +76,7 @@ def main() -> None:
     model = build_model(cfg, pretrained=False)
     access = make_access(model)
     batches = endless(load_client_data(cfg, 0).batches)
-    local = LocalTrainConfig()
-    policy = hfedmoe_policy(local.select_by)
+    local = LocalTrainConfig(local_steps=args.steps)
     total_experts = access.num_layers * access.num_experts
     moe_layers.DeferredExperts.backward = staticmethod(_timed_backward(moe_layers.DeferredExperts.backward))
 
@@ -97,55 +94,33 @@ def main() -> None:
 
     rows: dict[int, list[dict]] = {n: [] for n in counts}
     tokens_selected: dict[int, list[float]] = {n: [] for n in counts}
+    marks: dict[str, float] = {}
+
+    def on_phase(phase: str, step: int, batch, selected) -> None:
+        marks[phase] = time.perf_counter()
+        if phase == "start":
+            TIMES.clear()
+            return
+        if phase != "zero" or step == 0:  # step 0: optimizer state allocation, cache warm-up
+            return
+        # share of routed token slots (real tokens) that went to selected experts
+        dispatch = access.dispatch() & batch["attention_mask"].bool()[:, :, None, None]
+        tokens_selected[current].append(float((dispatch & selected[None, None]).sum()) / max(1, int(dispatch.sum())))
+        t = marks
+        row = {"step": t["zero"] - t["start"], "forward": t["forward"] - t["start"], "moe_fwd": TIMES["moe_fwd"],
+               "select": t["select"] - t["forward"],
+               "backward": t["backward"] - t["select"] - TIMES["recompute_est"], "clip": t["clip"] - t["backward"],
+               "opt": t["optimizer"] - t["clip"], "zero": t["zero"] - t["optimizer"],
+               "deferred": TIMES["expert_bwd_total"], "recompute": TIMES["recompute_est"]}
+        row["step"] -= TIMES["recompute_est"]  # the side measurement is not part of the step
+        rows[current].append(row)
+
+    current = counts[0]
     for _ in range(args.repeats):
         for n in counts:
-            optimizer = make_optimizer(model, access, local)
-            deferred = n < total_experts
-            access.enable_deferred_backward(deferred)
-            model.train()
-            for step in range(args.steps):
-                TIMES.clear()
-                t0 = time.perf_counter()
-                batch = next(batches)
-                mask = batch["attention_mask"]
-                logits = model(batch["input_ids"], mask)
-                loss = F.cross_entropy(logits, batch["labels"])
-                total = loss + local.aux_loss_coef * access.aux_loss()
-                t1 = time.perf_counter()
-                gates = core.pool_token_scores(access.router_probs(), mask, mode=local.pooling)
-                real_tokens = mask.bool()[:, :, None, None]
-                dispatch = access.dispatch() & real_tokens
-                candidates = dispatch.any(dim=1).any(dim=0)
-                s_b = core.importance(gates, lam=local.lam)
-                i_b = core.ib_score(gates, lam=local.lam, beta=local.beta)
-                from hfedmoe.training import BatchRouting
-
-                selected = policy(BatchRouting(gates, candidates, s_b, i_b, n, step))
-                t2 = time.perf_counter()
-                params = access.trainable_parameters(selected)
-                access.set_selection(selected)
-                total.backward(inputs=params)
-                t3 = time.perf_counter()
-                torch.nn.utils.clip_grad_norm_(params, local.max_grad_norm)
-                t4 = time.perf_counter()
-                with access.freeze_unselected(selected, optimizer):
-                    optimizer.step()
-                t5 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                for param in access.unselected_expert_parameters(selected):
-                    optimizer.state.pop(param, None)
-                t6 = time.perf_counter()
-                # share of routed token slots that went to selected experts
-                share = float((dispatch & selected[None, None]).sum()) / max(1, int(dispatch.sum()))
-                if step == 0:
-                    continue  # optimizer state allocation, cache warm-up
-                row = {"step": t6 - t0, "forward": t1 - t0, "moe_fwd": TIMES["moe_fwd"], "select": t2 - t1,
-                       "backward": t3 - t2 - TIMES["recompute_est"], "clip": t4 - t3, "opt": t5 - t4,
-                       "zero": t6 - t5, "deferred": TIMES["expert_bwd_total"], "recompute": TIMES["recompute_est"]}
-                row["step"] -= TIMES["recompute_est"]  # the side measurement is not part of the step
-                rows[n].append(row)
-                tokens_selected[n].append(share)
-    access.enable_deferred_backward(False)
+            current = n
+            # the client's real loop: deferred backward when n < all experts, AdamW built per round
+            train_local(model, batches, n, local, on_phase=on_phase)
 
     full = max(counts)
     result = {}

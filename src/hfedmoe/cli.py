@@ -72,8 +72,6 @@ _HELP = {
                       "columns, e.g. sol1,sol2",
     "answer_column": "multiple-choice: the right choice as a 0-based index, a letter (A, B, ...) or its text",
     "response_column": "causal-lm: the response column (the loss covers its tokens only)",
-    "method": "federated method (docs/baselines.md): " + "; ".join(f"{name}: {method.summary}"
-                                                                    for name, method in METHODS.items()),
     "num_experts": "experts per MoE layer when upcycling",
     "top_k": "experts per token",
     "max_length": "tokens per text (truncation)",
@@ -102,6 +100,15 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def help_text(field: str) -> str | None:
+    """The help of run flag ``field``; the method list is read from the registry now, so
+    methods registered by plug-ins appear too."""
+    if field == "method":
+        return "federated method (docs/baselines.md): " + "; ".join(
+            f"{name}: {method.summary}" for name, method in METHODS.items())
+    return _HELP.get(field)
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field (``--x-y`` sets ``x_y``), for every subcommand that runs."""
     defaults = RunConfig()
@@ -114,9 +121,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                 "time_budgets": parse_float_list}.get(f.name, kind)
         flag = f"--{f.name.replace('_', '-')}"
         if default is False:  # an opt-in switch: `--resume`, not `--resume true`
-            parser.add_argument(flag, action="store_true", help=_HELP.get(f.name))
+            parser.add_argument(flag, action="store_true", help=help_text(f.name))
         else:
-            parser.add_argument(flag, type=kind, default=default, help=_HELP.get(f.name))
+            parser.add_argument(flag, type=kind, default=default, help=help_text(f.name))
 
 
 def run_config_from(args: argparse.Namespace) -> RunConfig:

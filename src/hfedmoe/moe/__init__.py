@@ -13,7 +13,17 @@ Modules (imports point downwards only)::
     families     the ordered FAMILIES table and make_access
 """
 
-from hfedmoe.moe.families import FAMILIES, Family, make_access
+from hfedmoe.moe.families import FAMILIES, Family, family_of, make_access, register_family, unregister_family
 from hfedmoe.moe.protocol import MoEAccess, NoMoELayersError, ParamGroups
 
-__all__ = ["FAMILIES", "Family", "MoEAccess", "NoMoELayersError", "ParamGroups", "make_access"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "MoEAccess",
+    "NoMoELayersError",
+    "ParamGroups",
+    "family_of",
+    "make_access",
+    "register_family",
+    "unregister_family",
+]

@@ -28,12 +28,32 @@ class Family(NamedTuple):
     access: Callable[[nn.Module], MoEAccess]
 
 
-FAMILIES: tuple[Family, ...] = (
+FAMILIES: list[Family] = [
     Family("modular", detect_modular, ModularMoEAccess),  # hfedmoe's own MoEFeedForward blocks
     Family("lora", is_lora_model, LoraMoEAccess),  # PEFT LoRA on fused experts (before "fused": it wraps them)
     Family("fused", detect_fused, FusedMoEAccess),  # transformers 5.x fused 3-D experts
     Family("switch", detect_switch, SwitchMoEAccess),  # Switch Transformers, separate expert modules
-)
+]
+BUILT_IN = frozenset(f.name for f in FAMILIES)
+
+
+def register_family(family: Family, before: str | None = None) -> None:
+    """Add a layout to :data:`FAMILIES` (a plug-in outside this package, e.g. a test's toy
+    block): last, or just before the family named ``before``. Every process of a run must
+    register it (under Ray or a deployment: import the registering module in each)."""
+    if any(f.name == family.name for f in FAMILIES):
+        raise ValueError(f"a family named {family.name!r} is already registered")
+    names = [f.name for f in FAMILIES]
+    if before is not None and before not in names:
+        raise ValueError(f"no family {before!r} to insert before; families: {', '.join(names)}")
+    FAMILIES.insert(names.index(before) if before is not None else len(FAMILIES), family)
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family added with :func:`register_family`."""
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in family")
+    FAMILIES[:] = [f for f in FAMILIES if f.name != name]
 
 
 def family_of(model: nn.Module) -> Family:

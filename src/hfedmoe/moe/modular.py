@@ -30,14 +30,21 @@ class ModularMoEAccess:
     ----------
     model : nn.Module
         The model; it is inspected once, not copied.
+    block_types : tuple of types
+        The module classes that are MoE layers. Default hfedmoe's ``MoEFeedForward``;
+        a block of your own qualifies when it keeps the same contract (``router``: a
+        Linear returning logits, ``experts``: a ModuleList, ``num_experts``,
+        ``top_k``, the ``last_router_probs`` / ``last_dispatch`` / ``last_aux_loss``
+        records of its last forward, and it reads ``selected`` and
+        ``deferred_backward``); docs/extending.md shows one.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, block_types: tuple[type[nn.Module], ...] = (MoEFeedForward,)):
         self.model = model
         self.layer_names: list[str] = []
-        self.layers: list[MoEFeedForward] = []
+        self.layers: list[nn.Module] = []
         for name, module in model.named_modules():
-            if isinstance(module, MoEFeedForward):
+            if isinstance(module, block_types):
                 self.layer_names.append(name)
                 self.layers.append(module)
         if not self.layers:

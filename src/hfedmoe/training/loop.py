@@ -50,8 +50,8 @@ class LocalTrainConfig:
     task: str = "classification"  # the batch loss (hfedmoe.training.objectives)
 
 
-# on_phase(phase, step, selected): see train_local.
-PhaseHook = Callable[[str, int, "torch.Tensor | None"], None]
+# on_phase(phase, step, batch, selected): see train_local.
+PhaseHook = Callable[[str, int, "dict[str, torch.Tensor] | None", "torch.Tensor | None"], None]
 
 
 @dataclass
@@ -123,10 +123,11 @@ def train_local(
         ``extra_loss(access, batch)`` -> scalar added to the batch's loss after the
         forward pass (e.g. SEER-MoE's gate-entropy penalty); None adds nothing.
     on_phase : callable, optional
-        ``on_phase(phase, step, selected)`` at the end of each phase of a step:
-        "start", "forward", "select", "backward", "clip", "optimizer", "zero"
-        (``selected`` is None before "select"). For benchmarks that time the
-        loop's phases (benchmarks/step_breakdown.py); None costs nothing.
+        ``on_phase(phase, step, batch, selected)`` at the end of each phase of a
+        step: "start", "forward", "select", "backward", "clip", "optimizer", "zero"
+        (``batch`` is None at "start", ``selected`` None before "select"). For
+        benchmarks that time the loop's phases (benchmarks/step_breakdown.py);
+        None costs nothing.
 
     Returns
     -------
@@ -162,7 +163,7 @@ def train_local(
                 break  # compute budget spent: the round ends early, with what it trained
             t_step = time.perf_counter()
             if on_phase:
-                on_phase("start", step, None)
+                on_phase("start", step, None, None)
             batch = next(batches)
             # mask: the [rows, T] tokens the routing was recorded over (a
             # multiple-choice example is K rows, one per choice).
@@ -172,7 +173,7 @@ def train_local(
             if extra_loss is not None:
                 total = total + extra_loss(access, batch)
             if on_phase:
-                on_phase("forward", step, None)
+                on_phase("forward", step, batch, None)
 
             t_select = time.perf_counter()
             gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
@@ -183,20 +184,20 @@ def train_local(
             selected = policy(BatchRouting(gates, candidates, s_b, i_b, expert_budget, step))
             select_s += time.perf_counter() - t_select
             if on_phase:
-                on_phase("select", step, selected)
+                on_phase("select", step, batch, selected)
 
             params = access.trainable_parameters(selected)
             access.set_selection(selected)
             total.backward(inputs=params)
             if on_phase:
-                on_phase("backward", step, selected)
+                on_phase("backward", step, batch, selected)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if on_phase:
-                on_phase("clip", step, selected)
+                on_phase("clip", step, batch, selected)
             with access.freeze_unselected(selected, optimizer):
                 optimizer.step()
             if on_phase:
-                on_phase("optimizer", step, selected)
+                on_phase("optimizer", step, batch, selected)
             optimizer.zero_grad(set_to_none=True)
             # Experts outside this batch's selection hold no optimizer state: a
             # constrained client's memory is bounded by its budget, not by the union
@@ -204,7 +205,7 @@ def train_local(
             for param in access.unselected_expert_parameters(selected):
                 optimizer.state.pop(param, None)
             if on_phase:
-                on_phase("zero", step, selected)
+                on_phase("zero", step, batch, selected)
 
             gate_sums += gates.sum(dim=0).double()
             importance_sum += s_b.double()

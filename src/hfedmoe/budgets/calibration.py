@@ -116,7 +116,7 @@ def measure_step_times(cfg: RunConfig, counts: list[int], repeats: int = 3, step
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def run_inrun_in_fresh_process(args: list[str]) -> dict:
+def run_in_fresh_process(args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "hfedmoe.budgets.calibration", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:

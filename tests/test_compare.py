@@ -144,6 +144,7 @@ def test_compare_in_process_writes_results_and_resumes(tmp_path, one_thread):
                     seeds=1, engine="inprocess", log=lines.append)
 
 
+@pytest.mark.e2e
 def test_cli_compare_on_flowers_simulation_engine(tmp_path):
     """The default engine end to end: FedAvg's training failure crosses Flower's wire; no process is left."""
     marker = new_marker()

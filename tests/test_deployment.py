@@ -76,6 +76,7 @@ def _check_run(out: Path, nodes: int, rounds: int) -> None:
     assert config["clients"] == nodes and config["num_experts"] == 4 and config["rounds"] == rounds
 
 
+@pytest.mark.e2e
 def test_superlink_and_three_supernodes_over_tls(tmp_path):
     marker = new_marker()
     try:
@@ -98,6 +99,7 @@ def test_superlink_and_three_supernodes_over_tls(tmp_path):
     _check_run(tmp_path / "run", nodes=3, rounds=2)
 
 
+@pytest.mark.e2e
 def test_supernode_authentication(tmp_path):
     """--auth: only SuperNodes whose public key was registered (`flwr supernode register`) may join."""
     marker = new_marker()
@@ -117,6 +119,7 @@ def test_supernode_authentication(tmp_path):
     _check_run(tmp_path / "run", nodes=3, rounds=1)
 
 
+@pytest.mark.e2e
 def test_interrupted_deployment_stops_every_process(tmp_path):
     """Ctrl-C (SIGINT) in the middle of a run: the launcher stops everything it started and exits 130."""
     marker = new_marker()

@@ -2,7 +2,8 @@
 
 These start real processes (Ray; a local SuperLink for `flwr run`) and check that
 none is left behind afterwards. Everything is offline: the embedded MiniLM and
-BBC News come from PyPI packages.
+BBC News come from PyPI packages. Each test that starts an engine is marked ``e2e``;
+the two that check a rejected config starts nothing are not.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def two_round_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_hfedmoe_run_two_rounds_two_clients(two_round_run):
     out = two_round_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -110,6 +112,7 @@ def test_budget_below_one_expert_per_layer_fails_clearly(tmp_path):
     assert not (tmp_path / "r").exists(), "nothing may be started or written for a rejected config"
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("flwr", path=str(BIN)) is None, reason="flwr CLI not installed")
 def test_flwr_run_dot_works_as_a_flower_app(tmp_path):
     """A Flower user's `flwr run .`: local SuperLink, simulation, our ServerApp/ClientApp."""
@@ -134,6 +137,7 @@ def test_flwr_run_dot_works_as_a_flower_app(tmp_path):
     assert len(rows[1]["clients"]) >= 1
 
 
+@pytest.mark.e2e
 def test_bench_quick_prints_the_ratios_as_json(tmp_path):
     """`hfedmoe bench --quick` runs end to end and ends with one JSON line (no timing asserted)."""
     marker = new_marker()
@@ -169,6 +173,7 @@ def test_memory_budget_below_the_minimum_fails_clearly_before_anything_starts(tm
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.e2e
 def test_memory_budgets_map_to_expert_budgets_and_are_reported(tmp_path):
     marker = new_marker()
     out = tmp_path / "run"
@@ -187,6 +192,7 @@ def test_memory_budgets_map_to_expert_budgets_and_are_reported(tmp_path):
         assert 0 < client["peak_mem_bytes"] < client["mem_budget_bytes"]
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_a_bit_identical_final_model(two_round_run, tmp_path):
     """SIGKILL after round 1's checkpoint, then --resume: same final model as uninterrupted."""
     marker = new_marker()
@@ -223,6 +229,7 @@ def test_killed_run_resumes_to_a_bit_identical_final_model(two_round_run, tmp_pa
         assert torch.equal(expected[key], actual[key]), key
 
 
+@pytest.mark.e2e
 def test_resume_refuses_changed_settings(two_round_run, tmp_path):
     import shutil as _shutil
 
@@ -235,6 +242,7 @@ def test_resume_refuses_changed_settings(two_round_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_a_crashing_client_is_recorded_and_the_round_completes_with_the_others(tmp_path):
     marker = new_marker()
     out = tmp_path / "crash"
@@ -252,6 +260,7 @@ def test_a_crashing_client_is_recorded_and_the_round_completes_with_the_others(t
     assert json.loads((out / "summary.json").read_text())["failed_client_rounds"] == 1
 
 
+@pytest.mark.e2e
 def test_a_run_where_every_client_keeps_failing_stops_with_a_clear_message(tmp_path):
     marker = new_marker()
     out = tmp_path / "all-fail"
@@ -267,6 +276,7 @@ def test_a_run_where_every_client_keeps_failing_stops_with_a_clear_message(tmp_p
     assert (out / "final" / "model.safetensors").exists()  # the last good (initial) model is kept
 
 
+@pytest.mark.e2e
 def test_one_round_with_local_dp_on_sparse_uploads(tmp_path):
     marker = new_marker()
     out = tmp_path / "dp"

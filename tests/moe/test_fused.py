@@ -6,8 +6,6 @@ hub-free route users take), then driven only through the access layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 import transformers
@@ -17,53 +15,7 @@ from hfedmoe.moe import NoMoELayersError, fused, make_access
 from hfedmoe.moe.fused import FusedMoEAccess
 from hfedmoe.moe.state_keys import expert_key, split_expert_key
 
-B, T = 2, 5
-COMMON = dict(
-    vocab_size=100, hidden_size=32, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
-DEEPSEEK = dict(
-    intermediate_size=16, num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
-    moe_intermediate_size=8, n_shared_experts=1, kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8,
-    qk_rope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
-)
-
-
-@dataclass
-class Family:
-    """A tiny config and what the test independently expects of it."""
-
-    model_type: str
-    config: dict
-    moe_layers: list[int]  # decoder layers that are MoE (the others are dense)
-    num_experts: int
-    score: str  # the router's score function, read from the family's modeling code
-    top_k: int = 2
-    extra: dict = field(default_factory=dict)
-
-
-FAMILIES = {
-    "mixtral": Family("mixtral", dict(intermediate_size=16, num_hidden_layers=2, num_local_experts=4,
-                                      num_experts_per_tok=2), [0, 1], 4, "softmax"),
-    # mlp_only_layers=[0]: layer 0 is a dense MLP and must not count
-    "qwen2_moe": Family("qwen2_moe", dict(intermediate_size=16, num_hidden_layers=3, num_experts=4,
-                                          num_experts_per_tok=2, moe_intermediate_size=8,
-                                          shared_expert_intermediate_size=16, mlp_only_layers=[0]), [1, 2], 4,
-                        "softmax"),
-    # decoder_sparse_step=2: MoE in layers 1 and 3 only
-    "qwen3_moe": Family("qwen3_moe", dict(intermediate_size=16, num_hidden_layers=4, num_experts=6,
-                                          num_experts_per_tok=2, moe_intermediate_size=8, head_dim=16,
-                                          decoder_sparse_step=2, norm_topk_prob=True), [1, 3], 6, "softmax"),
-    "olmoe": Family("olmoe", dict(intermediate_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
-                    [0, 1], 4, "softmax"),
-    "deepseek_v2": Family("deepseek_v2", dict(DEEPSEEK, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
-                          [1, 2], 8, "softmax"),
-    "deepseek_v3": Family("deepseek_v3", dict(DEEPSEEK, routed_scaling_factor=2.5), [1, 2], 8, "sigmoid"),
-}
-
-
-def tiny_config(family: Family) -> transformers.PretrainedConfig:
-    return transformers.AutoConfig.for_model(family.model_type, **COMMON, **family.config)
+from builders import B, COMMON, FAMILIES, T, inputs, tiny_config
 
 
 def load_tiny(name: str, tmp_path, seed: int = 0, auto=transformers.AutoModelForCausalLM) -> nn.Module:
@@ -72,14 +24,6 @@ def load_tiny(name: str, tmp_path, seed: int = 0, auto=transformers.AutoModelFor
     model = auto.from_config(tiny_config(FAMILIES[name]))
     model.save_pretrained(tmp_path / name)
     return auto.from_pretrained(tmp_path / name)
-
-
-def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 100, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, -2:] = 0  # some padding
-    return ids, mask
 
 
 def lm_loss(model: nn.Module, seed: int = 1) -> torch.Tensor:

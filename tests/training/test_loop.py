@@ -8,29 +8,12 @@ import math
 
 import pytest
 import torch
-import transformers
 
 from hfedmoe import core
-from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
 from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.training import LocalTrainConfig, evaluate, make_optimizer, train_local
 
-L, S, K, VOCAB, LABELS = 2, 4, 2, 100, 3
-
-
-def tiny_moe(seed: int = 0) -> MoEClassifier:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=L, num_attention_heads=2, intermediate_size=32
-    )
-    torch.manual_seed(seed)
-    backbone = transformers.BertModel(config, add_pooling_layer=False)
-    upcycle_bert_layers(backbone, num_experts=S, top_k=K, seed=seed)
-    model = MoEClassifier(backbone, num_labels=LABELS)
-    # A sharper router than the near-uniform init, so routing (and selection) varies.
-    with torch.no_grad():
-        for layer in ModularMoEAccess(model).layers:
-            layer.router.weight.normal_(0.0, 0.5)
-    return model
+from builders import L, LABELS, S, VOCAB, tiny_moe
 
 
 def random_batch(g: torch.Generator, b: int = 6, t: int = 10) -> dict[str, torch.Tensor]:
@@ -54,7 +37,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_unselected_experts_stay_bit_identical_under_adamw_weight_decay():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     before = snapshot(model)
     cfg = LocalTrainConfig(local_steps=4, lr=1e-3, weight_decay=0.1)
@@ -78,7 +61,7 @@ def test_unselected_experts_stay_bit_identical_under_adamw_weight_decay():
 
 
 def test_optimizer_gives_fresh_parameters_the_larger_learning_rate():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     cfg = LocalTrainConfig(lr=2e-4, new_param_lr_mult=10.0, weight_decay=0.05)
     opt = make_optimizer(model, access, cfg)
@@ -93,7 +76,7 @@ def test_optimizer_gives_fresh_parameters_the_larger_learning_rate():
 
 
 def test_fused_optimizer_makes_the_plain_adamw_update_and_skips_gradless_parameters():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     cfg = LocalTrainConfig(lr=1e-3, weight_decay=0.1)
     opt = make_optimizer(model, access, cfg)
@@ -135,7 +118,7 @@ def test_round_statistics(monkeypatch):
 
     budget = 5
     cfg = LocalTrainConfig(local_steps=3, lr=1e-3)
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     result = train_local(model, endless(seed=3, b=8, t=12), expert_budget=budget, cfg=cfg)
 
     assert len(candidate_counts) == cfg.local_steps
@@ -164,7 +147,7 @@ def test_round_statistics(monkeypatch):
 
 
 def test_budget_below_the_number_of_layers_is_refused():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     before = snapshot(model)
     with pytest.raises(ValueError, match=f"minimum budget is {L}"):
         train_local(model, endless(), expert_budget=L - 1, cfg=LocalTrainConfig(local_steps=1))
@@ -172,7 +155,7 @@ def test_budget_below_the_number_of_layers_is_refused():
 
 
 def test_evaluate_accuracy_and_loss():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     g = torch.Generator().manual_seed(5)
     batches = [random_batch(g, b=5) for _ in range(3)]
     model.train()  # evaluate must switch dropout off itself
@@ -190,4 +173,4 @@ def test_evaluate_accuracy_and_loss():
 
 def test_evaluate_refuses_empty_batches():
     with pytest.raises(ValueError, match="no batches"):
-        evaluate(tiny_moe(), [])
+        evaluate(tiny_moe(sharp_router=True), [])

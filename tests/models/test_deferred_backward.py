@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 from hfedmoe.models.moe_block import ACTIVATIONS, ExpertFFN, expert_backward
 from hfedmoe.moe.modular import ModularMoEAccess
-from test_moe import L, S, batch, tiny_moe
+
+from builders import L, S, batch, tiny_moe
 
 
 def _model_with_distinct_experts():

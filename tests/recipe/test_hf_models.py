@@ -19,73 +19,13 @@ import pytest
 import torch
 import transformers
 
-from hfedmoe.client_round import client_round
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.data import embedded_tokenizer_path, load_bbc_news, load_tokenizer
-from hfedmoe.fl.records import ReceivedUpload
-from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.moe import make_access
-from hfedmoe.recipe import build_model, load_client_data, moe_shape
+from hfedmoe.recipe import moe_shape
+
+from builders import COMMON, FAMILIES, one_round, save_family, write_data
 from proc_marker import MARKER, new_marker, stop_marked
-from test_hf_fused import COMMON, FAMILIES
 
 CLASSIFIERS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(embedded_tokenizer_path())
-
-
-def save_family(name: str, directory: Path, tokenizer) -> Path:
-    family = FAMILIES[name]
-    config = transformers.AutoConfig.for_model(
-        family.model_type, **{**COMMON, "vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id},
-        **family.config)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def write_data(path: Path, per_class: int = 8) -> Path:
-    """A small 3-topic file in the format its suffix names."""
-    bbc = load_bbc_news()
-    rows = []
-    for label in (0, 1, 4):
-        texts = [t for t, y in zip(bbc.texts, bbc.labels) if y == label][:per_class]
-        rows += [{"body": t[:300], "topic": bbc.label_names[label]} for t in texts]
-    import datasets
-
-    table = datasets.Dataset.from_list(rows)
-    {".csv": table.to_csv, ".jsonl": table.to_json, ".parquet": table.to_parquet}[path.suffix](str(path))
-    return path
-
-
-def one_round_replies(cfg: RunConfig):
-    """One HFedMoE round in-process: (server access, old state, each client's reply, new state)."""
-    server = make_access(build_model(cfg, pretrained=True))
-    client = make_access(build_model(cfg, pretrained=False))
-    budgets = cfg.budgets_for(server.num_layers, server.num_experts)
-    strategy = HFedMoE(server.param_groups(), dict(enumerate(budgets)), cfg.to_json(), cfg.tau)
-    state = server.state_dict()
-    strategy.set_global_state(state)
-    updates, replies = [], []
-    for pid in range(cfg.clients):
-        reply = client_round(cfg, client, load_client_data(cfg, pid), state, budgets[pid], 1)
-        assert set(reply.tensors) <= set(state)
-        updates.append(ReceivedUpload.in_process(pid, reply))
-        replies.append(reply)
-    new = strategy.aggregate(updates)
-    new.pop("__alpha__")
-    server.load_state_dict(new, strict=True)
-    return server, state, replies, new
-
-
-def one_round(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
-    """One HFedMoE round in-process: returns (old state, per-client replies' metrics, new state)."""
-    _, state, replies, new = one_round_replies(cfg)
-    return state, [reply.metrics for reply in replies], new
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
@@ -160,6 +100,7 @@ def test_bad_data_files_fail_with_one_clear_message(problem, content, match, tmp
         load(cfg, 0)
 
 
+@pytest.mark.e2e
 def test_a_mixtral_checkpoint_runs_through_the_flower_engine(tmp_path, tokenizer):
     model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
     data = write_data(tmp_path / "d.parquet")

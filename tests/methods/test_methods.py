@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -25,12 +24,11 @@ from hfedmoe.methods.fedmoe import fedmoe_max_experts, fedmoe_submodel
 from hfedmoe.methods.pfl_moe import preferred_experts
 from hfedmoe.methods.random_experts import random_policy
 from hfedmoe.methods.seer_moe import heavy_hitters, seer_keep_count
-from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
 from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.recipe import ClientData
 from hfedmoe.training import BatchRouting, LocalTrainConfig, train_local
 
-L, S, K, VOCAB, LABELS = 2, 4, 2, 100, 3
+from builders import K, L, LABELS, S, VOCAB, tiny_moe
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,19 +44,6 @@ def routing(candidates: torch.Tensor, budget: int, seed: int = 0) -> BatchRoutin
     g = torch.Generator().manual_seed(seed)
     gates = torch.softmax(torch.randn(5, *candidates.shape, generator=g), dim=-1)
     return BatchRouting(gates, candidates, core.importance(gates), core.ib_score(gates), budget, step=0)
-
-
-def tiny_moe(seed: int = 0) -> MoEClassifier:
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=L, num_attention_heads=2,
-                                  intermediate_size=32)
-    torch.manual_seed(seed)
-    backbone = transformers.BertModel(cfg, add_pooling_layer=False)
-    upcycle_bert_layers(backbone, num_experts=S, top_k=K, seed=seed)
-    model = MoEClassifier(backbone, num_labels=LABELS)
-    with torch.no_grad():  # a sharp router, so routing differs between experts
-        for layer in ModularMoEAccess(model).layers:
-            layer.router.weight.normal_(0.0, 0.5)
-    return model
 
 
 def client_data(partition_id: int = 0, n: int = 24, t: int = 10) -> ClientData:
@@ -193,7 +178,7 @@ def test_heavy_hitters_rank_globally_after_keeping_one_per_layer():
 # --- router hooks: routing mask and gate entropy -------------------------------------------
 
 def test_routing_mask_removes_experts_and_is_undone_on_exit():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     batch = next(client_data().batches.iter_epoch(0))
     keep = torch.tensor([[True, False, True, False], [False, True, True, True]])
@@ -207,7 +192,7 @@ def test_routing_mask_removes_experts_and_is_undone_on_exit():
 
 
 def test_gate_entropy_has_gradient_and_matches_its_definition():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     batch = next(client_data().batches.iter_epoch(0))
     with profiling.RouterHooks(access, capture=True) as hooks:
@@ -229,7 +214,7 @@ def test_train_local_adds_the_extra_loss_every_step():
         return torch.zeros((), requires_grad=True)
 
     cfg = LocalTrainConfig(local_steps=3, lr=1e-3)
-    train_local(tiny_moe(), client_data().batches.infinite(), L * S, cfg, extra_loss=extra)
+    train_local(tiny_moe(sharp_router=True), client_data().batches.infinite(), L * S, cfg, extra_loss=extra)
     assert calls == [6, 6, 6]
 
 
@@ -243,7 +228,7 @@ def _fresh_profiles():
 
 
 def _round(method: str, budget: int, server_round: int = 1, model=None, **kw):
-    model = model or tiny_moe()
+    model = model or tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     state = {k: v.clone() for k, v in access.state_dict().items()}
     return client_round(run_config(method, **kw), access, client_data(), state, budget, server_round), access
@@ -280,7 +265,7 @@ def test_fedavg_fails_a_client_whose_budget_cannot_hold_full_fine_tuning():
 
 
 def test_fedmoe_trains_a_fixed_submodel_with_the_others_removed_from_routing():
-    model = tiny_moe()
+    model = tiny_moe(sharp_router=True)
     first, access = _round("fedmoe", budget=5, model=model)
     plan = get_method("fedmoe").plan_round(context("fedmoe", access, 5, server_round=3))
     subset = plan.subset
@@ -290,7 +275,7 @@ def test_fedmoe_trains_a_fixed_submodel_with_the_others_removed_from_routing():
     # later rounds keep the round-1 subset; a process without it rebuilds the same from the initial model
     profiling.clear_profile_cache()
     rebuilt = profiling.initial_profile(access, client_data(), 3, run_config("fedmoe").to_json(),
-                                        build_initial=lambda: tiny_moe())
+                                        build_initial=lambda: tiny_moe(sharp_router=True))
     assert torch.equal(fedmoe_submodel(rebuilt.hits, fedmoe_max_experts(5, L)), subset)
 
 
@@ -319,7 +304,7 @@ def test_pfl_moe_trains_the_experts_its_router_prefers():
 
 @pytest.fixture(scope="module")
 def tiny_state():
-    access = ModularMoEAccess(tiny_moe())
+    access = ModularMoEAccess(tiny_moe(sharp_router=True))
     return access.param_groups(), {k: v.clone() for k, v in access.state_dict().items()}
 
 

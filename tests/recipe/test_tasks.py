@@ -30,7 +30,8 @@ from hfedmoe.recipe import (
     model_spec,
 )
 from hfedmoe.training import evaluate
-from test_hf_models import one_round, save_family, tokenizer, write_data  # noqa: F401 (fixture)
+
+from builders import one_round, save_family, write_data
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 
@@ -221,7 +222,7 @@ def test_an_unreachable_hub_id_is_one_config_error(monkeypatch):
 
 # --- one federated round per family and task ---------------------------------------------
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer):  # noqa: F811
+def models(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("models")
     return {name: save_family(name, root / name, tokenizer) for name in FAMILIES}
 
@@ -294,7 +295,7 @@ def test_label_words_that_share_a_first_token_are_refused(models, tmp_path):
 
 # --- Switch Transformers (encoder-decoder) ---------------------------------------------------
 @pytest.fixture(scope="module")
-def switch_dir(tmp_path_factory, tokenizer):  # noqa: F811
+def switch_dir(tmp_path_factory, tokenizer):
     import transformers
 
     config = transformers.SwitchTransformersConfig(

@@ -22,7 +22,8 @@ from hfedmoe.budgets import client_budgets, memory_budgets
 from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.training import LocalTrainConfig, train_local
 from hfedmoe.training.memory import PeakMemory
-from test_moe import L, S, tiny_moe
+
+from builders import L, S, tiny_moe
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -16,9 +16,9 @@ from hfedmoe.moe.fused import FusedMoEAccess
 from hfedmoe.moe.lora import LoraMoEAccess, apply_lora
 from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.moe.switch import SwitchMoEAccess
-from test_hf_fused import FAMILIES as HF_FAMILIES
-from test_hf_fused import tiny_config
-from test_moe import K, L, tiny_bert, tiny_moe
+
+from builders import FAMILIES as HF_FAMILIES
+from builders import K, L, tiny_bert, tiny_config, tiny_moe
 
 
 def protocol_members() -> set[str]:

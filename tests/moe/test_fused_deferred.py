@@ -12,7 +12,8 @@ from torch import nn
 from hfedmoe.moe import fused_deferred
 from hfedmoe.moe import make_access
 from hfedmoe.moe.state_keys import split_expert_key
-from test_hf_fused import FAMILIES, inputs, tiny_config
+
+from builders import FAMILIES, inputs, tiny_config
 
 families = pytest.mark.parametrize("name", list(FAMILIES))
 

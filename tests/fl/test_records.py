@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -20,11 +19,11 @@ from hfedmoe.fl.records import (
     tensor_to_array,
 )
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.models.upcycled import MoEClassifier, upcycle_bert_layers
 from hfedmoe.moe import ParamGroups
 from hfedmoe.moe.modular import ModularMoEAccess
 
-L, S = 2, 4
+from builders import L, S, tiny_moe
+
 NODE_A, NODE_B, NODE_C = 7, 9, 11
 
 
@@ -38,13 +37,7 @@ def task_identity(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[ParamGroups, dict[str, torch.Tensor]]:
-    config = transformers.BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=L, num_attention_heads=2, intermediate_size=32
-    )
-    torch.manual_seed(0)
-    backbone = transformers.BertModel(config, add_pooling_layer=False)
-    upcycle_bert_layers(backbone, num_experts=S, top_k=2)
-    model = MoEClassifier(backbone, num_labels=3)
+    model = tiny_moe()  # 2 MoE layers x 4 experts, top-2, 3 classes
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return ModularMoEAccess(model).param_groups(), state
 

@@ -1,6 +1,6 @@
 """LoRA on experts (hfedmoe.moe.lora): PEFT adapters on fused expert tensors, per expert.
 
-Offline and tiny: random configs of the families in test_hf_fused, saved with
+Offline and tiny: random configs of the families in tests/builders.py, saved with
 save_pretrained where a checkpoint is needed. The packing of PEFT's per-expert
 adapters is checked three independent ways: against PEFT's own get_delta_weight,
 against the forward pass (experts without tokens get no adapter gradient), and by
@@ -18,8 +18,8 @@ from hfedmoe.moe import make_access
 from hfedmoe.moe.lora import LoraMoEAccess, LoraTargetError, apply_lora, attention_projections
 from hfedmoe.moe.state_keys import split_expert_key
 from hfedmoe.recipe import build_model
-from test_hf_fused import FAMILIES, tiny_config
-from test_hf_models import one_round_replies, save_family, tokenizer, write_data  # noqa: F401  (tokenizer is a fixture)
+
+from builders import FAMILIES, one_round_replies, save_family, tiny_config, write_data
 
 RANK = 2
 
@@ -255,7 +255,7 @@ def nbytes(state: dict) -> int:
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
-def test_one_federated_round_with_lora(name, tmp_path, tokenizer):  # noqa: F811
+def test_one_federated_round_with_lora(name, tmp_path, tokenizer):
     model_dir = save_family(name, tmp_path / name, tokenizer)
     data = write_data(tmp_path / "data.csv")
     common = dict(model=str(model_dir), dataset=str(data), text_column="body", label_column="topic", clients=2,
@@ -318,7 +318,7 @@ def test_lora_flags_parse_from_the_command_line():
     assert (cfg.lora_rank, cfg.lora_alpha_value(), cfg.lora_target_names()) == (8, 16.0, ["q_proj", "v_proj"])
 
 
-def test_an_unknown_target_of_a_checkpoint_is_a_config_error(tmp_path, tokenizer, capsys):  # noqa: F811
+def test_an_unknown_target_of_a_checkpoint_is_a_config_error(tmp_path, tokenizer, capsys):
     from hfedmoe.cli import main
     from hfedmoe.recipe import moe_shape
 
@@ -340,7 +340,7 @@ def test_an_unknown_target_of_a_checkpoint_is_a_config_error(tmp_path, tokenizer
 
 
 @pytest.mark.parametrize("method", ["fedavg-full", "pfl-moe"])
-def test_baselines_run_on_lora_adapters(method, tmp_path, tokenizer):  # noqa: F811
+def test_baselines_run_on_lora_adapters(method, tmp_path, tokenizer):
     model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)
     cfg = RunConfig(model=str(model_dir), dataset=str(write_data(tmp_path / "d.csv")), text_column="body",
                     label_column="topic", clients=2, rounds=1, local_steps=2, batch_size=4, max_length=16, alpha=5.0,
@@ -350,7 +350,7 @@ def test_baselines_run_on_lora_adapters(method, tmp_path, tokenizer):  # noqa: F
     assert changed <= set().union(*uploads) and any(".__expert__." in k for k in changed)
 
 
-def test_analytic_memory_model_counts_only_trainable_expert_bytes(tmp_path, tokenizer):  # noqa: F811
+def test_analytic_memory_model_counts_only_trainable_expert_bytes(tmp_path, tokenizer):
     from hfedmoe.budgets import analytic_model_for
 
     model_dir = save_family("mixtral", tmp_path / "mixtral", tokenizer)

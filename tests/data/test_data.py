@@ -33,13 +33,6 @@ def bbc_train(bbc: TextDataset) -> TextDataset:
     return train_test_split(bbc, test_fraction=0.2, seed=0)[0]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    # Module-scoped so the tokenizer is loaded once; the offline check itself
-    # lives in test_tokenizer_loads_offline.
-    return load_tokenizer()
-
-
 def _assert_disjoint_cover(parts: list[list[int]], n: int) -> None:
     flat = [i for p in parts for i in p]
     assert len(flat) == len(set(flat)), "partitions overlap"

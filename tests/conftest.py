@@ -1,0 +1,23 @@
+"""Shared fixtures of the test suite; shared plain builders are in tests/builders.py.
+
+Test folders mirror src/hfedmoe/ and have no ``__init__.py``: pytest's default
+``prepend`` import mode puts each test file's folder, and this file's folder
+(tests/), on sys.path, so ``from builders import ...`` and ``from proc_marker
+import ...`` work from every folder (test basenames are unique across folders).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hfedmoe.data import embedded_tokenizer_path, load_tokenizer
+
+# builders.py asserts inside shared helpers (one_round_replies): keep pytest's
+# assertion messages there, as when the helpers lived in a test module.
+pytest.register_assert_rewrite("builders")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The embedded MiniLM tokenizer, loaded once per module (offline)."""
+    return load_tokenizer(embedded_tokenizer_path())

@@ -31,7 +31,7 @@ unpacks them as::
 
 so the expert index varies SLOWEST along lora_A's rows (a contiguous block of r rows
 per expert) and FASTEST along lora_B's columns (a stride-E comb). Expert e's slices
-are ``lora_A[e*r:(e+1)*r, :]`` and ``lora_B[:, e::E]``. ``tests/test_lora.py`` checks
+are ``lora_A[e*r:(e+1)*r, :]`` and ``lora_B[:, e::E]``. ``tests/moe/test_lora.py`` checks
 this against PEFT's own ``get_delta_weight`` and against the forward pass (experts
 that receive no token get exactly zero adapter gradient).
 """

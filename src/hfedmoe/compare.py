@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.methods import merge_names, method_names, server_merges
+from hfedmoe.methods import DEFAULT_METHOD, merge_names, method_names, server_merges
 from hfedmoe.recipe import moe_shape
 
 TARGET_ACCURACY = 0.9
@@ -118,7 +118,7 @@ def plan_runs(base: RunConfig, out: Path, methods: list[str] | None = None, seed
     if sweep is not None and methods is not None:
         raise ConfigError("--sweep runs hfedmoe once per value: give either --sweep or --methods, not both")
     if sweep is not None:
-        rows = [(label, {"method": "hfedmoe", sweep.key: value}) for label, value in zip(sweep.labels, sweep.values)]
+        rows = [(label, {"method": DEFAULT_METHOD, sweep.key: value}) for label, value in zip(sweep.labels, sweep.values)]
     else:
         rows = [(method, {"method": method}) for method in (methods or method_names())]
     runs = []

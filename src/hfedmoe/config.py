@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from hfedmoe.core.budget import parse_bytes
-from hfedmoe.methods import EXPERT_MERGES, ROUTER_WEIGHTS, get_method, method_names
+from hfedmoe.methods import DEFAULT_MERGE, DEFAULT_METHOD, EXPERT_MERGES, ROUTER_WEIGHTS, get_method, method_names
 
 POOLINGS = ("mean", "max")
 SELECT_BY = ("ib", "importance")
@@ -64,7 +64,7 @@ class RunConfig:
     choices_column: str = "choices"  # multiple-choice: one list column, or several columns "sol1,sol2"
     answer_column: str = "answer"  # multiple-choice: index, letter or text of the right choice
     response_column: str = "response"  # causal-lm: the response trained on (loss on its tokens only)
-    method: str = "hfedmoe"
+    method: str = DEFAULT_METHOD
     num_experts: int = 8
     top_k: int = 2
     max_length: int = 64
@@ -73,8 +73,8 @@ class RunConfig:
     pooling: str = "mean"
     select_by: str = "ib"
     gate_normalize: bool = True
-    expert_agg: str = "hfedmoe"
-    gate_agg: str = "hfedmoe"
+    expert_agg: str = DEFAULT_MERGE
+    gate_agg: str = DEFAULT_MERGE
     aux_loss_coef: float = 0.01
     lora_rank: int = 0  # 0: full fine-tuning; R > 0: PEFT LoRA on experts + attention (docs/lora.md)
     lora_alpha: float = 0.0  # LoRA scaling numerator; 0: 2 x lora_rank

@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from hfedmoe.methods import DEFAULT_METHOD  # noqa: E402
+
 
 def _mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     """Per round, mean and std of ``key`` over runs (rounds common to every run)."""
@@ -136,8 +138,8 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     accuracy_vs_bytes(results, out / "accuracy_vs_bytes.png")
     drawn["accuracy vs cumulative bytes up"] = "accuracy_vs_bytes.png"
     # HFedMoE's usage heatmap: the hfedmoe row, or in a sweep the first setting.
-    hfedmoe = next((e for e in _finished(results) if e["label"] == "hfedmoe"), None) or \
-        next((e for e in _finished(results) if e["method"] == "hfedmoe"), None)
+    hfedmoe = next((e for e in _finished(results) if e["label"] == DEFAULT_METHOD), None) or \
+        next((e for e in _finished(results) if e["method"] == DEFAULT_METHOD), None)
     if hfedmoe is not None and usage_heatmaps(hfedmoe, out / "expert_usage_hfedmoe.png"):
         drawn[f"expert usage per client and layer ({hfedmoe['label']})"] = "expert_usage_hfedmoe.png"
     if selected_per_layer(results, out / "experts_per_layer.png"):

@@ -2,8 +2,9 @@
 interface (:class:`~hfedmoe.methods.base.Method`), one registry (:mod:`.registry`)."""
 
 from hfedmoe.methods.base import ClientContext, Method, RoundPlan
-from hfedmoe.methods.merging import EXPERT_MERGES, ROUTER_WEIGHTS, merge_names
+from hfedmoe.methods.merging import DEFAULT_MERGE, EXPERT_MERGES, ROUTER_WEIGHTS, merge_names
 from hfedmoe.methods.registry import (
+    DEFAULT_METHOD,
     METHODS,
     get_method,
     method_names,
@@ -13,6 +14,8 @@ from hfedmoe.methods.registry import (
 )
 
 __all__ = [
+    "DEFAULT_MERGE",
+    "DEFAULT_METHOD",
     "EXPERT_MERGES",
     "METHODS",
     "ROUTER_WEIGHTS",

@@ -47,9 +47,10 @@ def data_size_weights(usage: torch.Tensor, importance: torch.Tensor, num_example
     return torch.tensor(num_examples, dtype=torch.float64) / sum(num_examples)
 
 
-# The names --expert-agg / --gate-agg accept (HFedMoE's ablations).
+# The names --expert-agg / --gate-agg accept (HFedMoE's ablations); the first is the default.
 EXPERT_MERGES: dict[str, ExpertMerge] = {"hfedmoe": merge_over_uploaders, "fedavg": merge_over_all_clients}
 ROUTER_WEIGHTS: dict[str, RouterWeights] = {"hfedmoe": preference_weights, "fedavg": data_size_weights}
+DEFAULT_MERGE = next(iter(EXPERT_MERGES))
 
 
 def merge_names(expert_merge: ExpertMerge, router_weights: RouterWeights) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from hfedmoe.methods.fedavg import FedAvg
 from hfedmoe.methods.fedavg_full import FedAvgFull
 from hfedmoe.methods.fedmoe import FedMoE
 from hfedmoe.methods.hfedmoe import HFedMoE
-from hfedmoe.methods.merging import EXPERT_MERGES, ROUTER_WEIGHTS, ExpertMerge, RouterWeights
+from hfedmoe.methods.merging import DEFAULT_MERGE, EXPERT_MERGES, ROUTER_WEIGHTS, ExpertMerge, RouterWeights
 from hfedmoe.methods.pfl_moe import PflMoE
 from hfedmoe.methods.random_experts import RandomExperts
 from hfedmoe.methods.seer_moe import SeerMoE
@@ -19,6 +19,10 @@ METHODS: dict[str, Method] = {
     method.name: method
     for method in (HFedMoE(), FedAvgFull(), FedAvg(), PflMoE(), FedMoE(), SeerMoE(), RandomExperts())
 }
+
+
+# The method a run uses unless told otherwise: the paper's.
+DEFAULT_METHOD = HFedMoE.name
 
 
 def method_names() -> list[str]:
@@ -54,8 +58,8 @@ def unregister_method(name: str) -> None:
 BUILT_IN = frozenset(METHODS)
 
 
-def server_merges(method: str, expert_agg: str = "hfedmoe", gate_agg: str = "hfedmoe") -> tuple[ExpertMerge,
-                                                                                               RouterWeights]:
+def server_merges(method: str, expert_agg: str = DEFAULT_MERGE,
+                  gate_agg: str = DEFAULT_MERGE) -> tuple[ExpertMerge, RouterWeights]:
     """The expert merge and router weights the server uses for ``method``.
 
     Methods with ``ablation_switches`` (HFedMoE, random) take the run's

@@ -9,9 +9,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe import core
 from hfedmoe.config import RunConfig
+from hfedmoe.client_round import ClientUpload
 from hfedmoe.fl.records import (
     ReplyError,
     array_to_tensor,
+    encode_upload,
     parse_upload,
     record_nbytes,
     record_to_state,
@@ -93,7 +95,37 @@ def to_reply(to: Message, parts: dict) -> Message:
     return Message(RecordDict(records), reply_to=to)
 
 
-# --- parse_upload ------------------------------------------------------------------------
+# --- encode_upload / parse_upload ---------------------------------------------------------
+
+def test_an_encoded_upload_parses_back_to_the_same_upload(tiny):
+    groups, state = tiny
+    client = perturbed(state, 4)
+    parts = reply_content(groups, client, [(1, 3)], num_examples=11, stat=stats(2))
+    upload = ClientUpload(tensors=parts["arrays"], usage=parts["stats"]["usage"],
+                          importance=parts["stats"]["importance"], selection_counts=parts["stats"]["selection-counts"],
+                          metrics=parts["metrics"])
+    content = encode_upload(upload, {"decode-s": 0.25})
+    received = parse_upload(Message(content, reply_to=instruction(NODE_B)), groups, state)
+    back = received.upload
+    assert received.node_id == NODE_B and back.num_examples == 11 and back.partition_id == 3
+    assert back.metrics == {**parts["metrics"], "decode-s": 0.25}
+    assert set(back.tensors) == set(upload.tensors)
+    assert all(torch.equal(back.tensors[k], v) for k, v in upload.tensors.items())
+    for name in ("usage", "importance", "selection_counts"):
+        assert torch.equal(getattr(back, name), getattr(upload, name))
+    assert received.bytes_up_floor == sum(v.numel() * v.element_size() for v in upload.tensors.values())
+
+
+def test_a_training_failure_encodes_as_a_flagged_reply_without_arrays():
+    failed = ClientUpload(tensors={}, usage=None, importance=None, selection_counts=None,
+                          metrics={"num-examples": 5, "partition-id": 1, "expert-budget": 2},
+                          failure="training failure: budget 2 < 8")
+    content = encode_upload(failed)
+    assert set(content) == {"failure", "metrics"}
+    assert content["failure"]["reason"] == "training failure: budget 2 < 8"
+    assert dict(content["metrics"]) == failed.metrics
+
+
 
 def test_reply_metadata_names_the_client_node():
     reply = to_reply(instruction(NODE_A), {})

@@ -13,7 +13,6 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from hfedmoe.budgets import calibrate, client_budgets, default_calibration_path
 from hfedmoe.compare import add_compare_flags, compare_command
 from hfedmoe.config import (
     EMBEDDED_DATASET,
@@ -25,10 +24,6 @@ from hfedmoe.config import (
     parse_str_list,
 )
 from hfedmoe.methods import METHODS
-from hfedmoe.moe import make_access
-from hfedmoe.progress import RichReporter
-from hfedmoe.rundir import RunRecorder, default_run_dir
-from hfedmoe.recipe import build_model, moe_shape
 
 _HELP = {
     "rounds": "federated rounds",
@@ -105,7 +100,7 @@ def help_text(field: str) -> str | None:
     methods registered by plug-ins appear too."""
     if field == "method":
         return "federated method (docs/baselines.md): " + "; ".join(
-            f"{name}: {method.summary}" for name, method in METHODS.items())
+            f"{name}: {entry.summary}" for name, entry in METHODS.items())
     return _HELP.get(field)
 
 
@@ -181,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    # torch, transformers: loaded once a command runs, so --help and flag errors stay instant
+    from hfedmoe.budgets import calibrate, default_calibration_path
+    from hfedmoe.recipe import moe_shape  # same reason
+
     try:
         cfg = run_config_from(args)
         layers, experts = moe_shape(cfg)
@@ -232,6 +231,13 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # torch, transformers, rich: loaded once a command runs, so --help and flag errors stay instant
+    from hfedmoe.budgets import client_budgets
+    from hfedmoe.moe import make_access  # same reason
+    from hfedmoe.progress import RichReporter  # same reason
+    from hfedmoe.recipe import build_model, moe_shape  # same reason
+    from hfedmoe.rundir import RunRecorder, default_run_dir  # same reason
+
     try:
         cfg = run_config_from(args)
         cfg.budgets_for(*moe_shape(cfg))  # fail before any process starts

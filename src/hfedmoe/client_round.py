@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hfedmoe.config import RunConfig
-from hfedmoe.methods import ClientContext, get_method
+from hfedmoe.methods import get_method
+from hfedmoe.methods.base import ClientContext
 from hfedmoe.moe import MoEAccess, ParamGroups
 from hfedmoe.recipe import ClientData, build_model
 from hfedmoe.training import LocalTrainConfig, LocalTrainResult, batches_from_round, train_local

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.methods import DEFAULT_METHOD, merge_names, method_names, server_merges
-from hfedmoe.recipe import moe_shape
 
 TARGET_ACCURACY = 0.9
 ENGINES = ("flower", "inprocess")
@@ -113,6 +112,8 @@ def parse_sweep(text: str) -> Sweep:
 def plan_runs(base: RunConfig, out: Path, methods: list[str] | None = None, seeds: int = 3,
               sweep: Sweep | None = None) -> list[PlannedRun]:
     """Every run of the comparison, validated before any starts (ConfigError otherwise)."""
+    from hfedmoe.recipe import moe_shape  # torch, transformers: `hfedmoe compare --help` stays instant
+
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds must be a positive integer (runs per method), got {seeds!r}")
     if sweep is not None and methods is not None:

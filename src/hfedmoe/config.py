@@ -11,8 +11,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from hfedmoe.core.budget import parse_bytes
-from hfedmoe.methods import DEFAULT_MERGE, DEFAULT_METHOD, EXPERT_MERGES, ROUTER_WEIGHTS, get_method, method_names
+from hfedmoe.methods.registry import (
+    DEFAULT_MERGE,
+    DEFAULT_METHOD,
+    EXPERT_MERGES,
+    ROUTER_WEIGHTS,
+    method_entry,
+    method_names,
+)
 
 POOLINGS = ("mean", "max")
 SELECT_BY = ("ib", "importance")
@@ -139,7 +145,7 @@ class RunConfig:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {value!r}")
         # The aggregation switches ablate HFedMoE's server; baselines bring their own.
         defaults = RunConfig()
-        if not get_method(self.method).ablation_switches and \
+        if not method_entry(self.method).ablation_switches and \
                 (self.expert_agg, self.gate_agg) != (defaults.expert_agg, defaults.gate_agg):
             raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "
                               "aggregation (docs/baselines.md): leave them at hfedmoe")
@@ -284,6 +290,9 @@ class RunConfig:
 
 
 def _bytes(text: str, flag: str) -> int:
+    # hfedmoe.core's package imports torch: loaded here, so --help and flag errors stay instant
+    from hfedmoe.core.budget import parse_bytes
+
     try:
         return parse_bytes(text)
     except ValueError as err:

@@ -7,6 +7,9 @@ on a tiny upcycled BERT (2 MoE layers x 4 experts), so the whole file takes seco
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -18,8 +21,9 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.data import TensorBatches
 from hfedmoe.fl.records import ReceivedUpload
 from hfedmoe.fl.strategy import HFedMoE
-from hfedmoe.methods import METHODS, ClientContext, Method, get_method, merge_names, server_merges
-from hfedmoe.methods import base, merging, profiling
+from hfedmoe.methods import EXPERT_MERGES, METHODS, ROUTER_WEIGHTS, get_method, merge_names, server_merges
+from hfedmoe.methods import base, profiling, registry
+from hfedmoe.methods.base import ClientContext, Method
 from hfedmoe.methods.fedmoe import fedmoe_max_experts, fedmoe_submodel
 from hfedmoe.methods.pfl_moe import preferred_experts
 from hfedmoe.methods.random_experts import random_policy
@@ -69,13 +73,25 @@ def context(method: str, access, budget: int, server_round: int) -> ClientContex
 
 # --- the method table ----------------------------------------------------------------------
 
-def test_the_registry_holds_the_seven_methods_each_a_method_of_its_own_name():
+def test_the_registry_holds_the_seven_methods_each_loading_its_own_class():
     assert list(METHODS) == ["hfedmoe", "fedavg-full", "fedavg", "pfl-moe", "fedmoe", "seer-moe", "random"]
-    for name, method in METHODS.items():
-        assert isinstance(method, Method) and method.name == name and method.summary
-        assert method.expert_merge in merging.EXPERT_MERGES.values()
-        assert method.router_weights in merging.ROUTER_WEIGHTS.values()
+    for name, entry in METHODS.items():
+        method = get_method(name)
+        assert isinstance(method, Method) and entry.summary and get_method(name) is method
+        assert f"{type(method).__module__}:{type(method).__name__}" == entry.location
+        assert method.expert_merge in [registry.load(where) for where in EXPERT_MERGES.values()]
+        assert method.router_weights in [registry.load(where) for where in ROUTER_WEIGHTS.values()]
         RunConfig(method=name).validate()
+    assert [name for name, entry in METHODS.items() if entry.ablation_switches] == ["hfedmoe", "random"]
+
+
+def test_config_and_help_read_the_registry_without_importing_a_method():
+    """--help and a config error must not pay for torch: the registry is metadata until used."""
+    code = ("import sys; from hfedmoe.config import RunConfig; from hfedmoe.cli import build_parser; "
+            "RunConfig(method='fedmoe').validate(); build_parser().format_help(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('hfedmoe.methods.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['hfedmoe.methods.registry']"
 
 
 def merges(method: str) -> dict:

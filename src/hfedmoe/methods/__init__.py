@@ -1,12 +1,17 @@
 """Federated methods as plug-ins: one file per method (hfedmoe.py, fedavg.py, ...), one
-interface (:class:`~hfedmoe.methods.base.Method`), one registry (:mod:`.registry`)."""
+interface (:class:`hfedmoe.methods.base.Method`, imported from there), one registry
+(:mod:`.registry`, re-exported here; it imports a method's code on first use only)."""
 
-from hfedmoe.methods.base import ClientContext, Method, RoundPlan
-from hfedmoe.methods.merging import DEFAULT_MERGE, EXPERT_MERGES, ROUTER_WEIGHTS, merge_names
 from hfedmoe.methods.registry import (
+    DEFAULT_MERGE,
     DEFAULT_METHOD,
+    EXPERT_MERGES,
     METHODS,
+    ROUTER_WEIGHTS,
+    MethodEntry,
     get_method,
+    merge_names,
+    method_entry,
     method_names,
     register_method,
     server_merges,
@@ -19,11 +24,10 @@ __all__ = [
     "EXPERT_MERGES",
     "METHODS",
     "ROUTER_WEIGHTS",
-    "ClientContext",
-    "Method",
-    "RoundPlan",
+    "MethodEntry",
     "get_method",
     "merge_names",
+    "method_entry",
     "method_names",
     "register_method",
     "server_merges",

@@ -120,28 +120,20 @@ class RoundPlan:
 
 
 class Method:
-    """One federated method. Subclass, set the class attributes, override what differs.
+    """One federated method's behaviour. Subclass, override what differs; its name,
+    summary and whether HFedMoE's ablation switches apply are its line in
+    :mod:`hfedmoe.methods.registry`.
 
     Class attributes
     ----------------
-    name : str
-        The ``--method`` value.
-    summary : str
-        One line for ``--help`` and docs.
     expert_merge : ExpertMerge
         How the server merges the uploaded experts (default Eq. 17).
     router_weights : RouterWeights
         Each client's weight in the router merge (default Eq. 18-20).
-    ablation_switches : bool
-        Whether ``--expert-agg`` / ``--gate-agg`` replace the two merges (HFedMoE's
-        own ablations, Fig. 16); methods with their own aggregation refuse them.
     """
 
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     expert_merge: ClassVar[ExpertMerge] = staticmethod(merge_over_uploaders)
     router_weights: ClassVar[RouterWeights] = staticmethod(preference_weights)
-    ablation_switches: ClassVar[bool] = False
 
     def plan_round(self, ctx: ClientContext) -> RoundPlan:
         """The selection policy and budget rule of one client's round."""
@@ -155,9 +147,6 @@ class Method:
         global one, so uploading it would only drag the average back.
         """
         return upload_used(result, tau)
-
-    def __repr__(self) -> str:
-        return f"<method {self.name}>"
 
 
 # --- rules several methods share ------------------------------------------------------------

@@ -12,8 +12,8 @@ from hfedmoe.methods.merging import data_size_weights, merge_over_all_clients
 
 
 class FedAvg(Method):
-    name = "fedavg"
-    summary = "FedAvg under budgets: a client that cannot train every expert fails the round"
+    """Full fine-tuning when the budget holds every expert, else a training failure."""
+
     expert_merge = staticmethod(merge_over_all_clients)
     router_weights = staticmethod(data_size_weights)
     upload_mask = staticmethod(upload_all)

@@ -11,8 +11,8 @@ from hfedmoe.methods.merging import data_size_weights, merge_over_all_clients
 
 
 class FedAvgFull(Method):
-    name = "fedavg-full"
-    summary = "FedAvg, every client trains and uploads every expert, budgets ignored"
+    """Every expert, every client, whatever its budget."""
+
     expert_merge = staticmethod(merge_over_all_clients)
     router_weights = staticmethod(data_size_weights)
     upload_mask = staticmethod(upload_all)

@@ -80,8 +80,8 @@ def fedmoe_max_experts(budget: int, num_layers: int, share: float = FEDMOE_BUDGE
 
 
 class FedMoE(Method):
-    name = "fedmoe"
-    summary = "FedMoE: fixed sub-model from activation frequency, modular aggregation"
+    """One sub-model per client for the whole run, routing masked to it."""
+
     router_weights = staticmethod(data_size_weights)
     upload_mask = staticmethod(upload_trained)
 

@@ -16,9 +16,7 @@ from hfedmoe.training import score_policy
 
 
 class HFedMoE(Method):
-    name = "hfedmoe"
-    summary = "HFedMoE: I_b selection per batch, sparse upload, Eq. 17-21"
-    ablation_switches = True
+    """Per batch the best-scoring experts within C_budget (Eq. 15); the default merges."""
 
     def plan_round(self, ctx: ClientContext) -> RoundPlan:
         return RoundPlan(score_policy(ctx.select_by), ctx.expert_budget)

@@ -3,8 +3,8 @@
 Shared arithmetic of the methods (like Flower's ``strategy_utils``), each a thin
 callable over :mod:`hfedmoe.core`. A method names the two it uses
 (:attr:`~hfedmoe.methods.base.Method.expert_merge`, ``router_weights``); HFedMoE's
-ablation flags ``--expert-agg`` / ``--gate-agg`` pick from :data:`EXPERT_MERGES` and
-:data:`ROUTER_WEIGHTS` by name.
+ablation flags ``--expert-agg`` / ``--gate-agg`` pick them by name from
+:data:`hfedmoe.methods.registry.EXPERT_MERGES` and ``ROUTER_WEIGHTS``.
 """
 
 from __future__ import annotations
@@ -46,17 +46,3 @@ def data_size_weights(usage: torch.Tensor, importance: torch.Tensor, num_example
     """Plain FedAvg of routers: alpha_c = |D_c| / sum |D|."""
     return torch.tensor(num_examples, dtype=torch.float64) / sum(num_examples)
 
-
-# The names --expert-agg / --gate-agg accept (HFedMoE's ablations); the first is the default.
-EXPERT_MERGES: dict[str, ExpertMerge] = {"hfedmoe": merge_over_uploaders, "fedavg": merge_over_all_clients}
-ROUTER_WEIGHTS: dict[str, RouterWeights] = {"hfedmoe": preference_weights, "fedavg": data_size_weights}
-DEFAULT_MERGE = next(iter(EXPERT_MERGES))
-
-
-def merge_names(expert_merge: ExpertMerge, router_weights: RouterWeights) -> tuple[str, str]:
-    """The ``--expert-agg`` / ``--gate-agg`` names of two merges (results and logs say these);
-    a plug-in merge outside the tables goes by its function name."""
-    def name(table: dict, fn) -> str:
-        return next((key for key, value in table.items() if value is fn), getattr(fn, "__name__", repr(fn)))
-
-    return name(EXPERT_MERGES, expert_merge), name(ROUTER_WEIGHTS, router_weights)

@@ -39,8 +39,8 @@ def preferred_experts(hits: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 class PflMoE(Method):
-    name = "pfl-moe"
-    summary = "PFL-MoE: the experts the client's router prefers, plain FedAvg"
+    """The experts the current router prefers, re-derived every round."""
+
     router_weights = staticmethod(data_size_weights)
     upload_mask = staticmethod(upload_trained)
 

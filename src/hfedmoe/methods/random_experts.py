@@ -25,9 +25,7 @@ def random_policy(generator: torch.Generator) -> SelectionPolicy:
 
 
 class RandomExperts(Method):
-    name = "random"
-    summary = "random experts within the budget (HFedMoE's upload and aggregation)"
-    ablation_switches = True
+    """Seeded random experts per batch within C_budget."""
 
     def plan_round(self, ctx: ClientContext) -> RoundPlan:
         generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.server_round * 1_009

@@ -1,28 +1,85 @@
-"""The one registry of federated methods: config validation, ``--help``, ``compare``,
-the client round and the server strategy all read it. Adding a method = one new file
-in this package + one line in :data:`METHODS` (docs/extending.md)."""
+"""The one registry of federated methods and merge rules: config validation, ``--help``,
+``compare``, the client round and the server strategy all read it.
+
+An entry holds what config and the command line need (name, one-line summary, whether
+HFedMoE's ablation switches apply) and where the method's code lives; the code is
+imported on first use, so ``hfedmoe --help`` and a config error never pay for torch.
+Adding a method = one new file in this package + one line in :data:`METHODS`
+(docs/extending.md).
+"""
 
 from __future__ import annotations
 
-from hfedmoe.methods.base import Method
-from hfedmoe.methods.fedavg import FedAvg
-from hfedmoe.methods.fedavg_full import FedAvgFull
-from hfedmoe.methods.fedmoe import FedMoE
-from hfedmoe.methods.hfedmoe import HFedMoE
-from hfedmoe.methods.merging import DEFAULT_MERGE, EXPERT_MERGES, ROUTER_WEIGHTS, ExpertMerge, RouterWeights
-from hfedmoe.methods.pfl_moe import PflMoE
-from hfedmoe.methods.random_experts import RandomExperts
-from hfedmoe.methods.seer_moe import SeerMoE
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: importing a method loads torch
+    from hfedmoe.methods.base import Method
+    from hfedmoe.methods.merging import ExpertMerge, RouterWeights
+
+
+def load(location: str) -> Any:
+    """The object at ``"package.module:name"``."""
+    module, name = location.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class MethodEntry:
+    """One registered method.
+
+    Attributes
+    ----------
+    name : str
+        The ``--method`` value.
+    summary : str
+        One line for ``--help`` and the docs.
+    location : str
+        ``"module:Class"`` of its :class:`~hfedmoe.methods.base.Method` subclass.
+    ablation_switches : bool
+        ``--expert-agg`` / ``--gate-agg`` replace its two merges (HFedMoE's own
+        ablations, Fig. 16); a method with its own aggregation refuses them.
+    """
+
+    name: str
+    summary: str
+    location: str
+    ablation_switches: bool = False
+    method: Method | None = None  # the instance, once loaded (or as a plug-in registered it)
+
+    def load(self) -> Method:
+        if self.method is None:
+            self.method = load(self.location)()
+        return self.method
+
 
 # In the order help texts and `compare` list them.
-METHODS: dict[str, Method] = {
-    method.name: method
-    for method in (HFedMoE(), FedAvgFull(), FedAvg(), PflMoE(), FedMoE(), SeerMoE(), RandomExperts())
-}
+METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in (
+    MethodEntry("hfedmoe", "HFedMoE: I_b selection per batch, sparse upload, Eq. 17-21",
+                "hfedmoe.methods.hfedmoe:HFedMoE", ablation_switches=True),
+    MethodEntry("fedavg-full", "FedAvg, every client trains and uploads every expert, budgets ignored",
+                "hfedmoe.methods.fedavg_full:FedAvgFull"),
+    MethodEntry("fedavg", "FedAvg under budgets: a client that cannot train every expert fails the round",
+                "hfedmoe.methods.fedavg:FedAvg"),
+    MethodEntry("pfl-moe", "PFL-MoE: the experts the client's router prefers, plain FedAvg",
+                "hfedmoe.methods.pfl_moe:PflMoE"),
+    MethodEntry("fedmoe", "FedMoE: fixed sub-model from activation frequency, modular aggregation",
+                "hfedmoe.methods.fedmoe:FedMoE"),
+    MethodEntry("seer-moe", "SEER-MoE: heavy-hitter pruning, fine-tuning with gate-entropy penalty",
+                "hfedmoe.methods.seer_moe:SeerMoE"),
+    MethodEntry("random", "random experts within the budget (HFedMoE's upload and aggregation)",
+                "hfedmoe.methods.random_experts:RandomExperts", ablation_switches=True),
+)}
+BUILT_IN = frozenset(METHODS)
+DEFAULT_METHOD = "hfedmoe"  # the paper's
 
-
-# The method a run uses unless told otherwise: the paper's.
-DEFAULT_METHOD = HFedMoE.name
+# The names --expert-agg / --gate-agg accept (HFedMoE's ablations), and their code.
+EXPERT_MERGES: dict[str, str] = {"hfedmoe": "hfedmoe.methods.merging:merge_over_uploaders",
+                                 "fedavg": "hfedmoe.methods.merging:merge_over_all_clients"}
+ROUTER_WEIGHTS: dict[str, str] = {"hfedmoe": "hfedmoe.methods.merging:preference_weights",
+                                  "fedavg": "hfedmoe.methods.merging:data_size_weights"}
+DEFAULT_MERGE = "hfedmoe"
 
 
 def method_names() -> list[str]:
@@ -30,21 +87,27 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
-def get_method(name: str) -> Method:
-    """The registered method called ``name`` (ValueError naming the choices)."""
+def method_entry(name: str) -> MethodEntry:
+    """The registry entry of ``name`` (ValueError naming the choices)."""
     try:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
-def register_method(method: Method) -> Method:
-    """Add ``method`` under ``method.name`` (a plug-in outside this package, e.g. a test's
-    toy method). Every process of a run must register it before the run's config is
-    read: under Ray or a deployment, import the registering module in each of them."""
-    if not method.name or method.name in METHODS:
-        raise ValueError(f"method name {method.name!r} is empty or already registered")
-    METHODS[method.name] = method
+def get_method(name: str) -> Method:
+    """The method called ``name``, its module imported on first use."""
+    return method_entry(name).load()
+
+
+def register_method(name: str, summary: str, method: Method, ablation_switches: bool = False) -> Method:
+    """Add ``method`` under ``name`` (a plug-in outside this package, e.g. a test's toy
+    method). Every process of a run must register it before the run's config is read:
+    under Ray or a deployment, import the registering module in each of them."""
+    if not name or name in METHODS:
+        raise ValueError(f"method name {name!r} is empty or already registered")
+    METHODS[name] = MethodEntry(name, summary, f"{type(method).__module__}:{type(method).__qualname__}",
+                                ablation_switches, method)
     return method
 
 
@@ -55,17 +118,22 @@ def unregister_method(name: str) -> None:
     METHODS.pop(name, None)
 
 
-BUILT_IN = frozenset(METHODS)
-
-
 def server_merges(method: str, expert_agg: str = DEFAULT_MERGE,
                   gate_agg: str = DEFAULT_MERGE) -> tuple[ExpertMerge, RouterWeights]:
-    """The expert merge and router weights the server uses for ``method``.
-
-    Methods with ``ablation_switches`` (HFedMoE, random) take the run's
-    ``--expert-agg`` / ``--gate-agg``; every other method has its own aggregation.
-    """
-    chosen = get_method(method)
-    if chosen.ablation_switches:
-        return EXPERT_MERGES[expert_agg], ROUTER_WEIGHTS[gate_agg]
+    """The expert merge and router weights the server uses for ``method``: the run's
+    ``--expert-agg`` / ``--gate-agg`` for methods with ablation switches (HFedMoE,
+    random), the method's own two merges for every other method."""
+    entry = method_entry(method)
+    if entry.ablation_switches:
+        return load(EXPERT_MERGES[expert_agg]), load(ROUTER_WEIGHTS[gate_agg])
+    chosen = entry.load()
     return chosen.expert_merge, chosen.router_weights
+
+
+def merge_names(expert_merge: ExpertMerge, router_weights: RouterWeights) -> tuple[str, str]:
+    """The ``--expert-agg`` / ``--gate-agg`` names of two merges (results and logs say
+    these); a plug-in merge outside the tables goes by its function name."""
+    def name(table: dict[str, str], fn) -> str:
+        return next((key for key, where in table.items() if load(where) is fn), getattr(fn, "__name__", repr(fn)))
+
+    return name(EXPERT_MERGES, expert_merge), name(ROUTER_WEIGHTS, router_weights)

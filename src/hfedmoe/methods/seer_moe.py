@@ -43,8 +43,8 @@ def seer_keep_count(budget: int, num_layers: int, num_experts: int, prune_ratio:
 
 
 class SeerMoE(Method):
-    name = "seer-moe"
-    summary = "SEER-MoE: heavy-hitter pruning, fine-tuning with gate-entropy penalty"
+    """The heavy hitters of the initial model, routing masked to them, + gate entropy."""
+
     router_weights = staticmethod(data_size_weights)
     upload_mask = staticmethod(upload_trained)
 

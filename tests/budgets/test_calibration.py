@@ -4,6 +4,8 @@ fresh-process measurements stubbed (each real one loads the model: minutes here)
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
@@ -45,4 +47,11 @@ def test_the_fresh_process_runs_this_module(monkeypatch):
     monkeypatch.setattr(calibration.subprocess, "run", run)
     assert calibration.run_in_fresh_process(["memory", "{}", "6", "1"]) == {"ok": 1}
     module = seen["cmd"][seen["cmd"].index("-m") + 1]
-    assert module == calibration.__name__ and importlib.util.find_spec(module) is not None
+    assert module == calibration.MEASURE_MODULE and importlib.util.find_spec(module) is not None
+
+
+def test_the_measurement_module_runs_unloaded_by_its_package():
+    """`python -m` warns (and runs a second copy) when the package already imported the module."""
+    code = "import sys, hfedmoe.budgets; print(hfedmoe.budgets.calibration.MEASURE_MODULE in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

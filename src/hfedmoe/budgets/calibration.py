@@ -2,8 +2,9 @@
 (each in a fresh process), fit M(n) = base + n * per_expert, and cache it where runs
 find it; without a calibration, the analytic estimate from the model's shape.
 
-Measurement itself is :mod:`hfedmoe.training.memory`; turning budgets into C_budget
-is :mod:`hfedmoe.budgets.client_budgets`.
+Measurement itself is :mod:`hfedmoe.training.memory`, one measurement in a fresh
+process :mod:`hfedmoe.budgets.measure`; turning budgets into C_budget is
+:mod:`hfedmoe.budgets.client_budgets`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.core.budget import MemoryModel, analytic_memory_model, fit_memory_model
-from hfedmoe.recipe import build_model, endless, load_client_data, resolve_model_path
-from hfedmoe.training import LocalTrainConfig, set_torch_threads, train_local
-from hfedmoe.training.memory import bound_allocator, weight_bytes
+from hfedmoe.recipe import resolve_model_path
+from hfedmoe.training.memory import weight_bytes
 
 
 def analytic_model_for(access, batch_size: int, max_length: int) -> MemoryModel:
@@ -85,39 +82,14 @@ def load_memory_model(cfg: RunConfig, access) -> MemoryModel:
     return analytic_model_for(access, cfg.batch_size, cfg.max_length)
 
 
-def measure_step(cfg: RunConfig, trained_experts: int, steps: int) -> dict:
-    """Peak training memory and step time with ``trained_experts`` experts per batch.
-
-    Runs in the calling process (use a fresh one: see :func:`calibrate`).
-    """
-    set_torch_threads()
-    bound_allocator()  # as on the clients this calibration is for (those with a memory budget)
-    model = build_model(cfg, pretrained=False)
-    data = load_client_data(cfg, 0)
-    local = LocalTrainConfig(local_steps=steps, lr=cfg.lr, lam=cfg.lam, beta=cfg.beta)
-    torch.manual_seed(cfg.seed)
-    result = train_local(model, endless(data.batches), trained_experts, local)
-    return {"trained_experts": trained_experts, "peak_bytes": result.peak_mem_bytes,
-            "weights_bytes": weight_bytes(model)}
-
-
-def measure_step_times(cfg: RunConfig, counts: list[int], repeats: int = 3, steps: int = 3) -> dict[int, float]:
-    """Median step time per expert count, measured in ONE process with the counts
-    interleaved (n1, n2, ..., n1, n2, ...) so machine noise hits all of them alike."""
-    set_torch_threads()
-    bound_allocator()
-    model = build_model(cfg, pretrained=False)
-    batches = endless(load_client_data(cfg, 0).batches)
-    local = LocalTrainConfig(local_steps=steps, lr=cfg.lr, lam=cfg.lam, beta=cfg.beta)
-    times: dict[int, list[float]] = {n: [] for n in counts}
-    for _ in range(repeats):
-        for n in counts:
-            times[n].append(train_local(model, batches, n, local).extra["step_s"])
-    return {n: statistics.median(t) for n, t in times.items()}
+# The module a fresh measurement process runs (not imported by this package, so that
+# ``python -m`` finds it unloaded).
+MEASURE_MODULE = "hfedmoe.budgets.measure"
 
 
 def run_in_fresh_process(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "hfedmoe.budgets.calibration", *args]
+    """Run ``python -m hfedmoe.budgets.measure ARGS`` and return the JSON it prints last."""
+    cmd = [sys.executable, "-m", MEASURE_MODULE, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"measurement {args[1:]} failed:\n{proc.stderr[-2000:]}")
@@ -144,11 +116,3 @@ def calibrate(cfg: RunConfig, counts: list[int], steps: int = 4, log=print) -> d
     return {"key": calibration_key(cfg), "memory_model": model.to_dict(), "points": points,
             "batch_size": cfg.batch_size, "max_length": cfg.max_length, "num_experts": cfg.num_experts,
             "max_abs_error": max(abs(p["error"]) for p in points)}
-
-
-if __name__ == "__main__":  # one measurement, in a fresh process (see calibrate)
-    kind, config = sys.argv[1], RunConfig.from_json(sys.argv[2])
-    if kind == "memory":
-        print(json.dumps(measure_step(config, int(sys.argv[3]), int(sys.argv[4]))))
-    else:
-        print(json.dumps(measure_step_times(config, [int(n) for n in sys.argv[3].split(",")], steps=int(sys.argv[4]))))

@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 import hfedmoe.moe.fused_deferred as fused_deferred
-from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups
+from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups, common_expert_count
 from hfedmoe.moe.routing import LayerRecord, has_hook, register_block_routing
 from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
 from hfedmoe.moe.state_keys import (
@@ -195,10 +195,7 @@ class FusedMoEAccess:
                 f"{type(model).__name__} has no fused Mixture-of-Experts layer (a module with 3-D expert "
                 "tensors [E, ...] next to a gate/router with an [E, H] weight)"
             )
-        counts = {block.num_experts for block in self.blocks}
-        if len(counts) != 1:
-            raise NoMoELayersError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
-        self.num_experts = counts.pop()
+        self.num_experts = common_expert_count([block.num_experts for block in self.blocks])
         self.layer_names = [block.name for block in self.blocks]
 
         modules = dict(model.named_modules())

@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hfedmoe.moe.fused import FusedBlock, FusedMoEAccess, find_fused_blocks, fused_expert_count, router_child
-from hfedmoe.moe.protocol import NoMoELayersError
+from hfedmoe.moe.protocol import NoMoELayersError, common_expert_count
 from hfedmoe.moe.routing import has_hook, register_block_routing
 from hfedmoe.moe.state_keys import (
     HEAD_NAMES,
@@ -273,10 +273,7 @@ class LoraMoEAccess(FusedMoEAccess):
         self.blocks, packed = find_lora_blocks(model)
         if not self.blocks:
             raise NoMoELayersError(f"{type(model).__name__} has no LoRA-wrapped fused MoE layer")
-        counts = {block.num_experts for block in self.blocks}
-        if len(counts) != 1:
-            raise NoMoELayersError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
-        self.num_experts = counts.pop()
+        self.num_experts = common_expert_count([block.num_experts for block in self.blocks])
         self.layer_names = [block.name for block in self.blocks]
         params = dict(model.named_parameters())
         self._params = params

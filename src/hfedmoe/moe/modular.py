@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hfedmoe.models.moe_block import MoEFeedForward
-from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups
+from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups, common_expert_count
 
 
 def detect_modular(model: nn.Module) -> bool:
@@ -52,10 +52,7 @@ class ModularMoEAccess:
                 f"{type(model).__name__} has no Mixture-of-Experts layer: pass a MoE model "
                 "(or let hfedmoe upcycle a dense encoder with --num-experts)"
             )
-        counts = {layer.num_experts for layer in self.layers}
-        if len(counts) != 1:
-            raise NoMoELayersError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
-        self.num_experts = counts.pop()
+        self.num_experts = common_expert_count([layer.num_experts for layer in self.layers])
 
         names = [n for n, _ in model.named_parameters()]
         self._expert_names: dict[tuple[int, int], list[str]] = {}

@@ -30,6 +30,15 @@ class NoMoELayersError(ValueError):
     """The model has no Mixture-of-Experts layer this project knows how to drive."""
 
 
+def common_expert_count(counts: list[int]) -> int:
+    """S, the routed experts per MoE layer; every layer must have the same number
+    (C_budget, the [L, S] statistics and the wire format assume it)."""
+    distinct = sorted(set(counts))
+    if len(distinct) != 1:
+        raise NoMoELayersError(f"MoE layers have different expert counts {distinct}; not supported")
+    return distinct[0]
+
+
 class ParamGroups:
     """Which state-dict keys are experts, routers and dense parameters.
 

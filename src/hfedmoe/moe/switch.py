@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups
+from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups, common_expert_count
 from hfedmoe.moe.routing import RECORDS, LayerRecord, has_hook
 from hfedmoe.moe.state_keys import check_selection, check_state_keys, is_head_parameter
 
@@ -124,10 +124,7 @@ class SwitchMoEAccess:
         self.blocks = find_switch_blocks(model)
         if not self.blocks:
             raise NoMoELayersError(f"{type(model).__name__} has no Switch-style sparse MLP (router + experts)")
-        counts = {block.num_experts for block in self.blocks}
-        if len(counts) != 1:
-            raise NoMoELayersError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
-        self.num_experts = counts.pop()
+        self.num_experts = common_expert_count([block.num_experts for block in self.blocks])
         self.layer_names = [block.name for block in self.blocks]
 
         self._params = dict(model.named_parameters())

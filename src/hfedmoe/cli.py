@@ -84,6 +84,18 @@ _HELP = {
     "lora_alpha": "LoRA alpha (scaling alpha/R); 0 = 2 x --lora-rank",
     "lora_targets": "comma-separated Linear module names for dense LoRA, e.g. q_proj,v_proj "
                     "(default: the attention projections found in the model)",
+    "device": "where clients train and the server evaluates: auto (CUDA when the process sees a GPU), cpu, "
+              "cuda or cuda:N",
+    "dtype": "model precision: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16; "
+             "messages carry this dtype; selection math, losses and LoRA adapters stay float32",
+    "gradient_checkpointing": "recompute activations in the backward (transformers' gradient checkpointing): "
+                              "less activation memory for about one more forward per step",
+    "load_in_4bit": "QLoRA: load the checkpoint's linear layers in 4-bit NF4 (bitsandbytes, CUDA only) and train "
+                    "LoRA adapters over them; needs --lora-rank",
+    "client_gpus": "simulation: GPUs per client, passed to Flower's client_resources (0.25: four clients share a "
+                   "GPU and train at once); 0: auto (1 on CUDA, none on CPU)",
+    "client_cpus": "simulation: CPU cores per client (Flower's client_resources); 0: auto (all cores, or the "
+                   "client's GPU share of them)",
 }
 
 

@@ -18,7 +18,14 @@ from hfedmoe.methods.base import ClientContext
 from hfedmoe.moe import MoEAccess, ParamGroups
 from hfedmoe.recipe import ClientData, build_model
 from hfedmoe.training import LocalTrainConfig, LocalTrainResult, batches_from_round, train_local
-from hfedmoe.training.memory import bound_allocator
+from hfedmoe.training.device import model_device
+from hfedmoe.training.memory import (
+    bound_allocator,
+    gpu_memory_cap,
+    release_device_memory,
+    resident_bytes,
+    weight_bytes,
+)
 
 
 @dataclass
@@ -96,8 +103,13 @@ def client_round(
     loaded into the model, so the received copy of the model (as large as the model)
     is not resident while the client trains (the Flower client does this; callers
     that reuse one state for several clients leave it False).
+
+    On a GPU, ``mem_budget_bytes`` caps this round's CUDA allocations
+    (:func:`~hfedmoe.training.memory.gpu_memory_cap`); running out of memory is the
+    client's failure for the round (memory freed, nothing uploaded), not a crash.
     """
-    if mem_budget_bytes:
+    device = model_device(access.model)
+    if mem_budget_bytes and device.type == "cpu":
         bound_allocator()  # peaks that stay within the memory model, round after round
     access.load_state_dict(global_state, strict=True)
     if release_global_state:
@@ -117,11 +129,21 @@ def client_round(
                             failure=plan.failure)
     local = local_train_config(cfg)
     local.time_budget_s = time_budget_s if plan.honours_time_budget else None
-    with plan.hooks(access) as extra_loss:
-        result = train_local(
-            access.model, batches_from_round(data, server_round, cfg.local_steps), plan.train_budget, local,
-            policy=plan.policy, extra_loss=extra_loss,
-        )
+    try:
+        with gpu_memory_cap(device, mem_budget_bytes, weight_bytes(access.model)) as cap, \
+                plan.hooks(access) as extra_loss:
+            result = train_local(
+                access.model, batches_from_round(data, server_round, cfg.local_steps), plan.train_budget, local,
+                policy=plan.policy, extra_loss=extra_loss,
+            )
+    except torch.OutOfMemoryError as err:
+        release_device_memory(device)  # the round's activations, gradients and moments are garbage now
+        within = f" within its {mem_budget_bytes / 1e9:.2f} GB budget" if mem_budget_bytes else ""
+        first = str(err).splitlines()[0][:200] if str(err) else "out of memory"
+        metrics.update({"out-of-memory": 1, "mem-budget-bytes": mem_budget_bytes or 0})
+        return ClientUpload(tensors={}, usage=None, importance=None, selection_counts=None, metrics=metrics,
+                            failure=f"out of memory on {device} training {plan.train_budget} experts per "
+                                    f"batch{within}: {first}")
 
     uploaded = method.upload_mask(result, cfg.tau)
     groups = access.param_groups()
@@ -140,6 +162,10 @@ def client_round(
         "wall-s": result.wall_s,
         "select-s": result.select_s,
     })
+    release_device_memory(device)
+    # What the client still holds once its round is over (the model; on CUDA, tensors only):
+    # flat round after round, or something leaks.
+    metrics["resident-after-bytes"] = resident_bytes(device)
     return ClientUpload(
         tensors={k: v for k, v in state.items() if k in keep},
         usage=result.usage, importance=result.importance, selection_counts=result.selection_counts,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from hfedmoe.methods.registry import (
@@ -25,6 +26,7 @@ SELECT_BY = ("ib", "importance")
 # Task formats (hfedmoe.training.objectives): what a batch's loss and the test metrics are.
 TASKS = ("classification", "multiple-choice", "causal-lm")
 CLASSIFIERS = ("auto", "head", "label-words")  # classification on a MoE checkpoint: new head or label words
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # --dtype (hfedmoe.recipe.device resolves auto)
 EMBEDDED_MODEL = "embedded-minilm-moe"
 EMBEDDED_DATASET = "bbc-news"
 
@@ -85,6 +87,12 @@ class RunConfig:
     lora_rank: int = 0  # 0: full fine-tuning; R > 0: PEFT LoRA on experts + attention (docs/lora.md)
     lora_alpha: float = 0.0  # LoRA scaling numerator; 0: 2 x lora_rank
     lora_targets: str = ""  # comma-separated Linear names for dense LoRA; "": the model's attention projections
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: CUDA when the process sees a GPU (hfedmoe.recipe.device)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: bfloat16 on a GPU that has it, else float32
+    gradient_checkpointing: bool = False  # recompute activations in the backward (transformers' own)
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights (bitsandbytes), LoRA on top; needs --lora-rank and CUDA
+    client_gpus: float = 0.0  # simulation: GPUs per client (0.25: four clients share one); 0: auto (1 on CUDA)
+    client_cpus: int = 0  # simulation: CPU cores per client; 0: auto (all cores, or their GPU share)
     extra: dict = field(default_factory=dict)
 
     # --- validation -------------------------------------------------------------
@@ -150,6 +158,7 @@ class RunConfig:
             raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "
                               "aggregation (docs/baselines.md): leave them at hfedmoe")
         self._validate_lora()
+        self._validate_hardware()
         if self.expert_budgets is not None:
             if len(self.expert_budgets) != self.clients:
                 raise ConfigError(
@@ -200,6 +209,29 @@ class RunConfig:
         if self.model == EMBEDDED_MODEL:
             raise ConfigError(f"--lora-rank applies to Hugging Face MoE checkpoints with fused experts; the embedded "
                               f"{EMBEDDED_MODEL!r} is fine-tuned fully: drop --lora-rank or pass --model DIR")
+
+    def _validate_hardware(self) -> None:
+        """The hardware flags' syntax; whether this machine can honour them is checked where
+        torch is loaded (hfedmoe.recipe.device.check_runtime)."""
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.load_in_4bit:
+            if self.model == EMBEDDED_MODEL:
+                raise ConfigError(f"--load-in-4bit quantizes a Hugging Face checkpoint's linear layers; the embedded "
+                                  f"{EMBEDDED_MODEL!r} is small and fine-tuned fully: drop --load-in-4bit or pass "
+                                  "--model DIR")
+            if not self.lora_rank:
+                raise ConfigError("--load-in-4bit (QLoRA) trains LoRA adapters over frozen 4-bit weights: also pass "
+                                  "--lora-rank R (e.g. 8)")
+        gpus = self.client_gpus
+        if isinstance(gpus, bool) or not (isinstance(gpus, (int, float)) and math.isfinite(gpus) and gpus >= 0):
+            raise ConfigError(f"--client-gpus must be a number >= 0 (0.25: four clients share a GPU; 0: auto), "
+                              f"got {gpus!r}")
+        cpus = self.client_cpus
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 0:
+            raise ConfigError(f"--client-cpus must be an integer >= 0 (0: auto), got {cpus!r}")
 
     def lora_alpha_value(self) -> float:
         """The effective LoRA alpha (``--lora-alpha``, or 2 x rank when left at 0)."""

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from hfedmoe.config import ConfigError, RunConfig
 
 # Settings a resumed run may change; anything else must match the checkpointed run.
-RESUMABLE_CHANGES = {"rounds", "resume", "out"}
+RESUMABLE_CHANGES = {"rounds", "resume", "out", "device", "client_gpus", "client_cpus"}
 
 
 def default_run_dir() -> Path:
@@ -94,7 +94,8 @@ class RunRecorder:
         if not (self.dir / "config.json").is_file() or not latest.is_file():
             raise ConfigError(f"--resume: {self.dir} holds no checkpointed run (no checkpoints/latest.json); "
                               "drop --resume to start a new run there")
-        saved = json.loads((self.dir / "config.json").read_text())
+        # A setting added after the run started was at its default then.
+        saved = {**json.loads(RunConfig().to_json()), **json.loads((self.dir / "config.json").read_text())}
         current = json.loads(self.cfg.to_json())
         changed = sorted(k for k in set(saved) | set(current)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))

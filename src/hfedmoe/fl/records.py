@@ -61,18 +61,28 @@ def encode_upload(upload: ClientUpload, extra_metrics: dict | None = None) -> Re
                        "metrics": metrics})
 
 
+# NumPy has no bfloat16: such a tensor travels as its raw 16-bit patterns in an int16
+# .npy array, and the Array's dtype field names the real dtype.
+BFLOAT16 = "bfloat16"
+
+
 def tensor_to_array(tensor: torch.Tensor) -> Array:
     """A Flower ``Array`` holding ``tensor``, byte for byte what ``Array(tensor)`` holds.
 
     Flower's own conversion goes through ``np.save`` into a BytesIO (the data is
     copied chunk by chunk, then once more by ``getvalue``); this writes the same
-    .npy header and joins it with the tensor's memory in one copy.
+    .npy header and joins it with the tensor's memory in one copy. A bfloat16 tensor
+    (which NumPy and ``Array(tensor)`` cannot hold) is sent as its bits in an int16
+    .npy array with ``dtype="bfloat16"``: 2 bytes an element, like float16.
     """
-    array = tensor.detach().cpu().contiguous().numpy()
+    tensor = tensor.detach().cpu().contiguous()
+    bf16 = tensor.dtype == torch.bfloat16
+    array = (tensor.view(torch.int16) if bf16 else tensor).numpy()
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     data = b"".join((header.getvalue(), array.reshape(-1).view(np.uint8)))
-    return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=data)
+    return Array(dtype=BFLOAT16 if bf16 else str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY,
+                 data=data)
 
 
 def state_to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -106,17 +116,23 @@ def array_to_tensor(array: Array) -> torch.Tensor:
         raise ValueError(f"unsupported .npy format version {version}")
     if dtype.hasobject:
         raise ValueError("object arrays are not accepted")
+    bf16 = array.dtype == BFLOAT16
+    if bf16 and dtype != np.int16:
+        raise ValueError(f"a bfloat16 array must hold int16 bit patterns, its header says {dtype}")
     offset = stream.tell()
     count = math.prod(shape)
     nbytes = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
     if nbytes != offset + count * dtype.itemsize:
         raise ValueError(f"array data holds {nbytes - offset} bytes, its header says {count * dtype.itemsize}")
     if fortran_order:  # never produced by this project; take numpy's own path
+        if bf16:
+            raise ValueError("a bfloat16 array must be C-ordered")
         return torch.from_numpy(array.numpy().copy(order="C"))
     values = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(values)
+        tensor = torch.from_numpy(values)
+    return tensor.view(torch.bfloat16) if bf16 else tensor
 
 
 def npy_header(data) -> bytes:

@@ -231,7 +231,7 @@ class HFedMoE(Strategy):
         return {
             "node_id": msg.metadata.src_node_id,
             "id": int(metrics.get("partition-id", -1)),
-            "kind": "training-failure",
+            "kind": "out-of-memory" if metrics.get("out-of-memory") else "training-failure",
             "expert_budget": int(metrics.get("expert-budget", -1)),
             "reason": str(msg.content["failure"].get("reason", "training failure")),
         }
@@ -249,6 +249,7 @@ class HFedMoE(Strategy):
             "peak_mem_bytes": int(m.get("peak-mem-bytes", 0)),
             "mem_budget_bytes": int(m["mem-budget-bytes"]) if m.get("mem-budget-bytes") else None,
             "over_budget": bool(m.get("over-budget", 0)),
+            "resident_after_bytes": int(m.get("resident-after-bytes", 0)),
             "local_steps": int(m.get("local-steps", 0)),
             "train_loss": float(m.get("train-loss", float("nan"))),
             "train_s": float(m.get("wall-s", 0.0)),

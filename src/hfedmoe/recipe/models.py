@@ -22,6 +22,7 @@ from hfedmoe.moe.fused import find_fused_blocks
 from hfedmoe.moe.lora import LoraTargetError, apply_lora, resolve_targets
 from hfedmoe.moe.switch import decoder_layer_flags
 from hfedmoe.recipe.data import dataset_split, label_names
+from hfedmoe.recipe.device import check_runtime, run_device, run_dtype
 from hfedmoe.recipe.sources import hf_config, model_kind, quiet_transformers, resolve_model_path, tokenizer_for
 
 
@@ -111,7 +112,9 @@ def label_token_ids(cfg: RunConfig) -> list[int]:
 
 
 def moe_shape(cfg: RunConfig) -> tuple[int, int]:
-    """(MoE layers L, routed experts per layer S) of the run's model, no weights loaded."""
+    """(MoE layers L, routed experts per layer S) of the run's model, no weights loaded;
+    ConfigError for settings this machine cannot honour (device, dtype, 4-bit)."""
+    check_runtime(cfg)
     if model_kind(cfg) == "upcycle":
         _check_lora(cfg, None)
         return num_moe_layers(cfg), cfg.num_experts
@@ -183,11 +186,13 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
             "causal-lm": AutoModelForCausalLM}.get(head, AutoModelForSeq2SeqLM)
     path = resolve_model_path(cfg)
     torch.manual_seed(cfg.seed)  # the new classification head
+    dtype = run_dtype(cfg)
     try:
         if pretrained:
-            model = auto.from_pretrained(path, config=config, local_files_only=path.is_dir())
+            model = auto.from_pretrained(path, config=config, local_files_only=path.is_dir(), dtype=dtype,
+                                         **_quantization(cfg, dtype))
         else:
-            model = auto.from_config(config)
+            model = auto.from_config(config, dtype=dtype)
     except ValueError as err:
         raise ConfigError(f"--model {cfg.model!r} ({config.model_type}): transformers cannot build it as "
                           f"{auto.__name__}: {str(err).splitlines()[0][:160]}") from None
@@ -203,17 +208,55 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
 
 
 def build_model(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
-    """The run's model; ``pretrained=False`` gives the architecture only (clients)."""
+    """The run's model on the run's device in the run's dtype (:mod:`hfedmoe.recipe.device`);
+    ``pretrained=False`` gives the architecture only (clients: the global state is loaded
+    into it every round)."""
     quiet_transformers(cfg)
+    check_runtime(cfg)
     if model_kind(cfg) == "hf":
         if cfg.lora_rank:
-            return _lora_classifier(cfg)
-        model = _hf_classifier(cfg, pretrained)
-        _access_or_error(cfg, model)
-        return model
-    _check_lora(cfg, None)
-    spec = UpcycledSpec(**{k: v for k, v in model_spec(cfg).items() if k != "kind"})
-    return build_upcycled_classifier(spec, pretrained=pretrained, seed=cfg.seed)
+            model = _lora_classifier(cfg)
+        else:
+            model = _hf_classifier(cfg, pretrained)
+            _access_or_error(cfg, model)
+    else:
+        _check_lora(cfg, None)
+        spec = UpcycledSpec(**{k: v for k, v in model_spec(cfg).items() if k != "kind"})
+        model = build_upcycled_classifier(spec, pretrained=pretrained, seed=cfg.seed).to(run_dtype(cfg))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(cfg, model)
+    if not cfg.load_in_4bit:  # a quantized model was placed on its device as it loaded
+        model.to(run_device(cfg))
+    return model
+
+
+def _quantization(cfg: RunConfig, dtype: torch.dtype) -> dict:
+    """from_pretrained's 4-bit arguments for --load-in-4bit (QLoRA), else none.
+
+    bitsandbytes quantizes ``nn.Linear`` layers only (attention, shared experts, dense
+    MLPs); the fused 3-D expert tensors of transformers 5.x are not ``nn.Linear`` and
+    stay in ``dtype``, with LoRA on them like every other adapter.
+    """
+    if not cfg.load_in_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig  # heavy: only the 4-bit path pays for it
+
+    # The router, the head and the label-word path must stay exact: never quantized.
+    skip = ["lm_head", "score", "classifier", "gate", "router"]
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                               bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
+    return {"quantization_config": quant, "device_map": {"": str(run_device(cfg))}}
+
+
+def enable_gradient_checkpointing(cfg: RunConfig, model: torch.nn.Module) -> None:
+    """transformers' own gradient checkpointing on the model's backbone (non-reentrant, so
+    it composes with the deferred expert backward and with frozen LoRA bases)."""
+    backbone = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
+    if backbone is None or not getattr(backbone, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient-checkpointing: --model {cfg.model!r} "
+                          f"({type(backbone or model).__name__}) does not support transformers' gradient "
+                          "checkpointing: drop the flag")
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _lora_classifier(cfg: RunConfig) -> torch.nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hfedmoe.training.device import model_device, to_device
 from hfedmoe.training.objectives import objective_for
 
 
@@ -14,11 +15,13 @@ def evaluate(model: nn.Module, batches, max_batches: int | None = None, task: st
     perplexity for causal-lm; see hfedmoe.training.objectives)."""
     objective = objective_for(task)
     model.eval()
+    device = model_device(model)
     sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
     examples = 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        batch = to_device(batch, device)
         for key, value in objective.eval_sums(model, batch).items():
             sums[key] += value
         examples += len(batch["input_ids"])

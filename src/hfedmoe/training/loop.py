@@ -26,6 +26,7 @@ from torch import nn
 from hfedmoe import core
 from hfedmoe.moe import MoEAccess, make_access
 from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
+from hfedmoe.training.device import model_device, to_device
 from hfedmoe.training.memory import PeakMemory, memtrace, weight_bytes
 from hfedmoe.training.objectives import objective_for
 from hfedmoe.training.selection import BatchRouting, SelectionPolicy, score_policy
@@ -147,81 +148,89 @@ def train_local(
     deferred = cfg.deferred_backward and expert_budget < access.num_layers * access.num_experts
     deferred = access.enable_deferred_backward(deferred) and deferred
     model.train()
+    device = model_device(model)
     shape = (access.num_layers, access.num_experts)
+    # Scoring and selection run on the host: the selection decides in Python which
+    # tensors the backward reaches, so it must come back anyway, and its inputs are
+    # small (pooled gates [B, L, S]). The loss stays on the device, read once at the end.
     gate_sums = torch.zeros(shape, dtype=torch.float64)
     importance_sum = torch.zeros(shape, dtype=torch.float64)
     selection_counts = torch.zeros(shape, dtype=torch.long)
-    loss_sum, num_samples, routed_rows = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    num_samples, routed_rows = 0, 0
     select_s = 0.0
     step_times: list[float] = []
     start = time.perf_counter()
     memtrace("train-local-start", budget=expert_budget)
-    with PeakMemory() as peak:
-        memtrace("peak-enter", start_rss=peak.start_rss / 1e6)
-        for step in range(cfg.local_steps):
-            if cfg.time_budget_s is not None and step > 0 and time.perf_counter() - start > cfg.time_budget_s:
-                break  # compute budget spent: the round ends early, with what it trained
-            t_step = time.perf_counter()
-            if on_phase:
-                on_phase("start", step, None, None)
-            batch = next(batches)
-            # mask: the [rows, T] tokens the routing was recorded over (a
-            # multiple-choice example is K rows, one per choice).
-            loss, mask = objective.loss(model, batch)
-            aux = access.aux_loss() if cfg.aux_loss_coef else None
-            total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
-            if extra_loss is not None:
-                total = total + extra_loss(access, batch)
-            if on_phase:
-                on_phase("forward", step, batch, None)
+    try:
+        with PeakMemory(device) as peak:
+            memtrace("peak-enter", start_rss=peak.start_rss / 1e6)
+            for step in range(cfg.local_steps):
+                if cfg.time_budget_s is not None and step > 0 and time.perf_counter() - start > cfg.time_budget_s:
+                    break  # compute budget spent: the round ends early, with what it trained
+                t_step = time.perf_counter()
+                if on_phase:
+                    on_phase("start", step, None, None)
+                batch = to_device(next(batches), device)
+                # mask: the [rows, T] tokens the routing was recorded over (a
+                # multiple-choice example is K rows, one per choice).
+                loss, mask = objective.loss(model, batch)
+                aux = access.aux_loss() if cfg.aux_loss_coef else None
+                total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
+                if extra_loss is not None:
+                    total = total + extra_loss(access, batch)
+                if on_phase:
+                    on_phase("forward", step, batch, None)
 
-            t_select = time.perf_counter()
-            gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
-            real_tokens = mask.bool()[..., None] if mask.dim() == 3 else mask.bool()[:, :, None, None]
-            candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
-            s_b = core.importance(gates, lam=cfg.lam)
-            i_b = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta)
-            selected = policy(BatchRouting(gates, candidates, s_b, i_b, expert_budget, step))
-            select_s += time.perf_counter() - t_select
-            if on_phase:
-                on_phase("select", step, batch, selected)
+                t_select = time.perf_counter()
+                gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
+                real_tokens = mask.bool()[..., None] if mask.dim() == 3 else mask.bool()[:, :, None, None]
+                candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
+                gates, candidates = gates.cpu(), candidates.cpu()  # the step's one host round trip
+                s_b = core.importance(gates, lam=cfg.lam)
+                i_b = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta)
+                selected = policy(BatchRouting(gates, candidates, s_b, i_b, expert_budget, step))
+                select_s += time.perf_counter() - t_select
+                if on_phase:
+                    on_phase("select", step, batch, selected)
 
-            params = access.trainable_parameters(selected)
-            access.set_selection(selected)
-            total.backward(inputs=params)
-            if on_phase:
-                on_phase("backward", step, batch, selected)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if on_phase:
-                on_phase("clip", step, batch, selected)
-            with access.freeze_unselected(selected, optimizer):
-                optimizer.step()
-            if on_phase:
-                on_phase("optimizer", step, batch, selected)
-            optimizer.zero_grad(set_to_none=True)
-            # Experts outside this batch's selection hold no optimizer state: a
-            # constrained client's memory is bounded by its budget, not by the union
-            # of every expert it trained this round (their moments restart instead).
-            for param in access.unselected_expert_parameters(selected):
-                optimizer.state.pop(param, None)
-            if on_phase:
-                on_phase("zero", step, batch, selected)
+                params = access.trainable_parameters(selected)
+                access.set_selection(selected)
+                total.backward(inputs=params)
+                if on_phase:
+                    on_phase("backward", step, batch, selected)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if on_phase:
+                    on_phase("clip", step, batch, selected)
+                with access.freeze_unselected(selected, optimizer):
+                    optimizer.step()
+                if on_phase:
+                    on_phase("optimizer", step, batch, selected)
+                optimizer.zero_grad(set_to_none=True)
+                # Experts outside this batch's selection hold no optimizer state: a
+                # constrained client's memory is bounded by its budget, not by the union
+                # of every expert it trained this round (their moments restart instead).
+                for param in access.unselected_expert_parameters(selected):
+                    optimizer.state.pop(param, None)
+                if on_phase:
+                    on_phase("zero", step, batch, selected)
 
-            gate_sums += gates.sum(dim=0).double()
-            importance_sum += s_b.double()
-            selection_counts += selected.long()
-            examples = len(batch["input_ids"])
-            loss_sum += loss.item() * examples
-            num_samples += examples
-            routed_rows += len(mask)
-            step_times.append(time.perf_counter() - t_step)
-            memtrace("step", step=step)
-    access.enable_deferred_backward(False)
+                gate_sums += gates.sum(dim=0).double()
+                importance_sum += s_b.double()
+                selection_counts += selected.long()
+                examples = len(batch["input_ids"])
+                loss_sum += loss.detach().double() * examples
+                num_samples += examples
+                routed_rows += len(mask)
+                step_times.append(time.perf_counter() - t_step)
+                memtrace("step", step=step)
+    finally:  # also after an out-of-memory error: the next round starts clean
+        access.enable_deferred_backward(False)
     steps = len(step_times)
     return LocalTrainResult(
         num_samples=num_samples,
         steps=steps,
-        train_loss=loss_sum / max(num_samples, 1),
+        train_loss=float(loss_sum) / max(num_samples, 1),
         usage=core.expert_usage(gate_sums, routed_rows).float(),
         importance=(importance_sum / steps).float(),
         trained=selection_counts > 0,

@@ -11,17 +11,24 @@ weights plus everything training adds (gradients, optimizer state, activations),
 and nothing the process held for other reasons (libraries, message buffers). Freed
 memory is trimmed back to the kernel before the baseline is read, so earlier
 rounds' garbage does not hide this round's peak.
-On CUDA the figure would be ``torch.cuda.max_memory_allocated`` (not wired: no GPU
-here).
+
+On CUDA the same formula reads the caching allocator's counters instead:
+``torch.cuda.max_memory_allocated`` (reset when the round starts) minus
+``memory_allocated`` at the start, plus the weights. Tensors are what a GPU budget
+caps; the allocator's cached but free blocks are handed back
+(``torch.cuda.empty_cache``) before and after a round. :func:`gpu_memory_cap` makes a
+process honour a client's GPU budget on a card larger than the budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -90,15 +97,27 @@ def memtrace(point: str, **extra) -> None:
 
 
 class PeakMemory:
-    """Peak resident memory added by a block of code (Linux /proc; CPU runs).
+    """Peak memory added by a block of code on ``device``.
 
-    ``added_bytes``: VmHWM at the end minus VmRSS at the start, with the high-water
-    mark reset on entry. Where /proc is unavailable it falls back to the process's
-    lifetime ``ru_maxrss`` (an over-estimate) and says so in ``exact``.
+    CPU: ``added_bytes`` is VmHWM at the end minus VmRSS at the start (Linux /proc),
+    with the high-water mark reset on entry. Where /proc is unavailable it falls back
+    to the process's lifetime ``ru_maxrss`` (an over-estimate) and says so in ``exact``.
+    CUDA: the allocator's ``max_memory_allocated`` (reset on entry) minus
+    ``memory_allocated`` at the start; ``peak_rss`` then holds the device's peak.
     """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()  # garbage held only by reference cycles is freed now, not mid-training
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.exact = True
+            self.start_rss = torch.cuda.memory_allocated(self.device)
+            return self
         release_free_memory()
         self.exact = True
         try:
@@ -110,6 +129,11 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_rss = torch.cuda.max_memory_allocated(self.device)
+            self.added_bytes = max(0, self.peak_rss - self.start_rss)
+            return
         peak = status_bytes("VmHWM") if self.exact else None
         if peak is None:
             import resource  # Unix only: the fallback where /proc is missing
@@ -122,3 +146,48 @@ class PeakMemory:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def resident_bytes(device: torch.device | str = "cpu") -> int:
+    """What the process holds now: RSS on the CPU, the allocator's tensors on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return status_bytes("VmRSS") or 0
+
+
+def release_device_memory(device: torch.device | str = "cpu") -> None:
+    """Free what a finished (or failed) round left behind: reference cycles, the CUDA
+    allocator's cached blocks, glibc's free heap."""
+    gc.collect()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        release_free_memory()
+
+
+@contextlib.contextmanager
+def gpu_memory_cap(device: torch.device, budget_bytes: int | None, weights_bytes: int) -> Iterator[int | None]:
+    """Cap this process's CUDA allocations so a client trains within its GPU budget.
+
+    One card can stand in for several smaller ones (heterogeneous clients emulated on
+    one GPU): the allocator refuses to grow past ``budget`` plus what the process held
+    for others (``memory_allocated`` now minus the client's own weights, e.g. the
+    server's model in the in-process engine), raising ``torch.cuda.OutOfMemoryError``,
+    which the client round reports as its failure. Yields the cap in bytes (None: no
+    cap, on the CPU or without a budget); the previous limit is restored on exit.
+    """
+    if device.type != "cuda" or not budget_bytes:
+        yield None
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    others = max(0, torch.cuda.memory_allocated(device) - weights_bytes)
+    cap = min(total, others + int(budget_bytes))
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    try:
+        yield cap
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

@@ -38,8 +38,8 @@ def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, continuat
     treats them differently from the context (an encoder-decoder) receives it.
     """
     if getattr(model, "splits_continuation", False):
-        return model(ids, mask, continuation_mask=continuation)
-    return model(ids, mask)
+        return model(ids, mask, continuation_mask=continuation).float()  # losses in float32 (bf16 models too)
+    return model(ids, mask).float()
 
 
 def routing_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
@@ -55,13 +55,13 @@ class Objective:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss of the batch, routing token mask [rows, T])."""
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"]).float()  # losses in float32 (bf16 models too)
         return F.cross_entropy(logits, batch["labels"]), routing_mask(model, batch["attention_mask"])
 
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Sums over the batch: loss_sum, correct, count (examples the accuracy counts)."""
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"]).float()
         return {
             "loss_sum": F.cross_entropy(logits, batch["labels"], reduction="sum").item(),
             "correct": (logits.argmax(dim=-1) == batch["labels"]).sum().item(),

@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from hfedmoe import core
 from hfedmoe.fl.records import (
     ReceivedUpload,
     ReplyError,
@@ -31,7 +30,13 @@ from hfedmoe.fl.records import (
     record_to_state,
     state_to_record,
 )
-from hfedmoe.methods.merging import ExpertMerge, RouterWeights, merge_over_uploaders, preference_weights
+from hfedmoe.methods.merging import (
+    ExpertMerge,
+    RouterWeights,
+    merge_over_uploaders,
+    merge_round,
+    preference_weights,
+)
 from hfedmoe.moe import ParamGroups
 
 
@@ -214,15 +219,14 @@ class HFedMoE(Strategy):
         (Eq. 17 for HFedMoE), routers weighted by its alpha (Eq. 18-21), dense FedAvg."""
         groups = self.groups
         uploads = [r.upload for r in received]
-        num_examples = [u.num_examples for u in uploads]
-        previous_experts = {k: self._current[k] for k in groups.all_expert_keys}
-        experts = self.expert_merge(previous_experts, [u.experts(groups) for u in uploads], num_examples)
-        alpha = self.router_weights(torch.stack([u.usage for u in uploads]),
-                                    torch.stack([u.importance for u in uploads]),
-                                    num_examples, self.tau, self.gate_normalize)
-        routers = core.aggregate_gates([u.routers(groups) for u in uploads], alpha)
-        dense = core.fedavg([u.dense(groups) for u in uploads], num_examples)
-        return {**dense, **routers, **experts, "__alpha__": alpha}
+        state, alpha = merge_round(
+            {k: self._current[k] for k in groups.all_expert_keys},
+            [u.experts(groups) for u in uploads], [u.routers(groups) for u in uploads],
+            [u.dense(groups) for u in uploads],
+            torch.stack([u.usage for u in uploads]), torch.stack([u.importance for u in uploads]),
+            [u.num_examples for u in uploads], self.expert_merge, self.router_weights, self.tau, self.gate_normalize,
+        )
+        return {**state, "__alpha__": alpha}
 
     @staticmethod
     def _training_failure(msg: Message) -> dict:

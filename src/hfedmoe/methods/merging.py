@@ -46,3 +46,41 @@ def data_size_weights(usage: torch.Tensor, importance: torch.Tensor, num_example
     """Plain FedAvg of routers: alpha_c = |D_c| / sum |D|."""
     return torch.tensor(num_examples, dtype=torch.float64) / sum(num_examples)
 
+
+
+def merge_round(
+    previous_experts: dict[str, torch.Tensor],
+    experts: list[dict[str, torch.Tensor]],
+    routers: list[dict[str, torch.Tensor]],
+    dense: list[dict[str, torch.Tensor]],
+    usage: torch.Tensor,
+    importance: torch.Tensor,
+    num_examples: list[int],
+    expert_merge: ExpertMerge = merge_over_uploaders,
+    router_weights: RouterWeights = preference_weights,
+    tau: float = 0.05,
+    normalize: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One round's new global state from the clients' uploads, and the router weights alpha.
+
+    Experts by ``expert_merge`` (Eq. 17 for HFedMoE), routers weighted by
+    ``router_weights`` (Eq. 18-21), dense parameters by FedAvg. Pure tensors in and
+    out, no Flower: the strategy (:class:`hfedmoe.fl.strategy.HFedMoE`) and loops
+    without Flower (benchmarks, scripts/gpu_check.py) call the same function.
+
+    Parameters
+    ----------
+    previous_experts : dict
+        The global expert tensors of the round (what an expert nobody uploaded keeps).
+    experts, routers, dense : list of dict
+        Per client: its uploaded expert tensors, its router tensors, its dense tensors.
+    usage, importance : Tensor[C, L, S]
+        Per client u_c (Eq. 16) and mean s^c.
+    num_examples : list of int
+        |D_c| per client.
+    """
+    merged_experts = expert_merge(previous_experts, experts, num_examples)
+    alpha = router_weights(usage, importance, num_examples, tau, normalize)
+    merged_routers = core.aggregate_gates(routers, alpha)
+    merged_dense = core.fedavg(dense, num_examples)
+    return {**merged_dense, **merged_routers, **merged_experts}, alpha

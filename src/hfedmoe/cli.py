@@ -248,6 +248,7 @@ def _run(args: argparse.Namespace) -> int:
     from hfedmoe.moe import make_access  # same reason
     from hfedmoe.progress import RichReporter  # same reason
     from hfedmoe.recipe import build_model, moe_shape  # same reason
+    from hfedmoe.recipe.device import agreed_dtype  # same reason
     from hfedmoe.rundir import RunRecorder, default_run_dir  # same reason
 
     try:
@@ -257,6 +258,7 @@ def _run(args: argparse.Namespace) -> int:
             client_budgets(cfg, make_access(build_model(cfg, pretrained=False)))
         if cfg.resume and not cfg.out:
             raise ConfigError("--resume needs --out: the directory of the run to continue")
+        cfg.dtype = agreed_dtype(cfg)  # as the server will: a resumed run compares the resolved dtype
         cfg.out = str(cfg.out or default_run_dir())
         if cfg.resume:
             RunRecorder(cfg.out, cfg)  # checks the checkpoint and the settings before anything starts

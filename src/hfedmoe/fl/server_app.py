@@ -25,6 +25,7 @@ from hfedmoe.methods import server_merges
 from hfedmoe.moe import make_access
 from hfedmoe.rundir import RunRecorder, default_run_dir
 from hfedmoe.recipe import build_model, label_names, load_test_batches, model_spec
+from hfedmoe.recipe.device import agreed_dtype
 from hfedmoe.training import evaluate, set_torch_threads
 
 
@@ -107,6 +108,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     partitions = discover_nodes(grid, None if clients_from_nodes else cfg.clients)
     cfg.clients = len(partitions)
     cfg.validate()
+    cfg.dtype = agreed_dtype(cfg)  # every client trains, and every message travels, in this dtype
     set_torch_threads()
     model = build_model(cfg, pretrained=True)
     access = make_access(model)
@@ -170,7 +172,9 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             checkpoint_s.append(time.perf_counter() - started)
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
-    initial = recorder.resume_state if recorder.resume_state is not None else access.state_dict()
+    # On the host: messages and checkpoints are built from it (a no-op for a CPU model).
+    initial = recorder.resume_state if recorder.resume_state is not None else \
+        {k: v.detach().cpu() for k, v in access.state_dict().items()}
     aborted = None
     if start_round < cfg.rounds:
         try:

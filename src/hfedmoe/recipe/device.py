@@ -83,6 +83,15 @@ def run_dtype(cfg: RunConfig) -> torch.dtype:
     return resolve_dtype(cfg.dtype, run_device(cfg))
 
 
+def agreed_dtype(cfg: RunConfig) -> str:
+    """The federation's dtype name: ``--dtype`` with ``auto`` resolved in this process.
+
+    The server calls it once and sends the result to every client in the run
+    configuration, so a client on other hardware still trains in the server's dtype.
+    """
+    return dtype_name(run_dtype(cfg))
+
+
 def check_runtime(cfg: RunConfig) -> None:
     """ConfigError for a device, dtype, 4-bit or GPU-share setting this process cannot honour."""
     device = run_device(cfg)

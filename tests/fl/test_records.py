@@ -509,3 +509,20 @@ def test_aggregate_train_drops_a_reply_with_invalid_stats(tiny, corrupt):
     arrays, _ = strategy.aggregate_train(1, replies)
     assert [f["node_id"] for f in strategy.round_info[1]["failures"]] == [NODE_C]
     _check_two_client_aggregate(groups, state, arrays.to_torch_state_dict(), a_state, b_state)
+
+
+def test_bfloat16_tensors_travel_as_their_bits_and_come_back_identical():
+    values = torch.randn(3, 5).to(torch.bfloat16)
+    array = tensor_to_array(values)
+    assert array.dtype == "bfloat16" and len(array.data) < values.numel() * 2 + 200  # 2 bytes an element
+    back = array_to_tensor(array)
+    assert back.dtype == torch.bfloat16 and torch.equal(back.view(torch.int16), values.view(torch.int16))
+    record = state_to_record({"w": values, "b": torch.ones(2)})
+    assert {k: v.dtype for k, v in record_to_state(record).items()} == {"w": torch.bfloat16, "b": torch.float32}
+
+
+def test_a_bfloat16_array_whose_data_is_not_16_bit_is_refused():
+    array = tensor_to_array(torch.ones(4))  # float32 data ...
+    array.dtype = "bfloat16"  # ... claiming to be bfloat16
+    with pytest.raises(ValueError, match="bfloat16 array must hold int16"):
+        array_to_tensor(array)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
-from hfedmoe.config import RunConfig
+import torch
+
+from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.processes import descendants, stop_descendants
+from hfedmoe.recipe.device import run_device
 
 
 class _CapturingReporter:
@@ -30,11 +33,27 @@ class _CapturingReporter:
             self.inner.on_end(summary)
 
 
+def client_resources(cfg: RunConfig, cores: int, gpus: int) -> dict[str, float]:
+    """Flower's ``client_resources`` of a run: what each virtual client's Ray actor holds.
+
+    On the CPU (``gpus == 0``) a client holds every core, so clients run one at a
+    time (a 2-core box trains faster one client at a time than two at half speed).
+    On CUDA a client holds ``--client-gpus`` of a GPU (default 1: one client per GPU
+    at a time; 0.25 lets four share one and train at once) and, by default, the
+    same share of the cores. ``--client-cpus`` overrides the cores.
+    """
+    if gpus == 0:
+        return {"num_cpus": cfg.client_cpus or cores, "num_gpus": 0.0}
+    share = float(cfg.client_gpus or 1.0)
+    at_once = max(1, int(gpus / share))  # clients training at the same time
+    return {"num_cpus": cfg.client_cpus or max(1, cores // at_once), "num_gpus": share}
+
+
 def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict:
     """Run ``cfg`` with one virtual SuperNode per client; return the run summary.
 
-    Clients run one at a time in a Ray worker holding all the machine's cores
-    (a 2-core CPU box trains faster one client at a time than two at half speed).
+    Each client's Ray actor holds :func:`client_resources`. Ray shows an actor only
+    the GPUs it holds, as ``cuda:0``: clients take ``--device cuda`` (or ``auto``).
     Every process started for the run is stopped before this returns, also on error.
     """
     # Flower must not build a fresh environment per run (it would pull CUDA torch).
@@ -53,11 +72,19 @@ def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict
         logging.getLogger("flwr").setLevel(logging.WARNING)
     capture = _CapturingReporter(reporter)
     cores = os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if run_device(cfg).type == "cuda" else 0
+    if gpus and cfg.device not in ("auto", "cuda", "cuda:0"):
+        raise ConfigError(f"--device {cfg.device}: in the simulation engine Ray gives each client the GPU it holds as "
+                          "cuda:0; use --device cuda (CUDA_VISIBLE_DEVICES chooses the GPUs the run may use)")
+    resources = client_resources(cfg, cores, gpus)
+    if resources["num_gpus"] > gpus:
+        raise ConfigError(f"--client-gpus {resources['num_gpus']}: a client cannot hold more GPUs than the "
+                          f"{gpus} this machine has")
     backend_config = {
-        "client_resources": {"num_cpus": cores, "num_gpus": 0.0},
+        "client_resources": resources,
         "init_args": {
             "num_cpus": cores,
-            "num_gpus": 0,
+            "num_gpus": gpus,
             "include_dashboard": False,
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": True,

@@ -1,0 +1,108 @@
+"""One client's round (hfedmoe.client_round) on the hardware paths that need no GPU:
+bfloat16 models through the real ServerApp/ClientApp code (in-process engine), and a
+CUDA out-of-memory error, injected, recorded as that client's failure for the round."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import hfedmoe.client_round as client_round_module
+from hfedmoe.config import RunConfig
+from hfedmoe.fl.inprocess import run_inprocess
+from hfedmoe.moe import make_access
+from hfedmoe.moe import fused_deferred
+from hfedmoe.recipe import build_model, load_client_data
+
+from builders import save_family, write_data
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("mixtral")
+    return save_family("mixtral", root / "model", tokenizer), write_data(root / "data.csv")
+
+
+def mixtral_config(mixtral, out, **changes) -> RunConfig:
+    model, data = mixtral
+    settings = dict(model=str(model), dataset=str(data), text_column="body", label_column="topic", clients=2,
+                    rounds=1, local_steps=2, batch_size=4, max_length=16, alpha=5.0, test_fraction=0.25, out=str(out))
+    return RunConfig(**{**settings, **changes}).validate()
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_bfloat16_federated_round_of_a_tiny_mixtral_sends_half_the_bytes(mixtral, tmp_path):
+    run_inprocess(mixtral_config(mixtral, tmp_path / "fp32"))
+    run_inprocess(mixtral_config(mixtral, tmp_path / "bf16", dtype="bfloat16"))
+    full, half = rows(tmp_path / "fp32"), rows(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    # The same tensors cross the wire in 2 bytes an element instead of 4 (plus .npy headers).
+    for key in ("bytes_down", "model_bytes"):
+        assert half[1][key] / full[1][key] == pytest.approx(0.5, abs=0.01), key
+    for row in half:
+        assert all(map(torch.isfinite, map(torch.tensor, (row["accuracy"], row["loss"]))))
+    for client in half[1]["clients"]:
+        assert client["experts_uploaded"] >= 1 and torch.isfinite(torch.tensor(client["train_loss"]))
+        assert all(0.0 <= u <= 1.0 for layer in client["usage"] for u in layer)
+    with safe_open(str(tmp_path / "bf16" / "final" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}  # the final model is written in the run's dtype
+
+
+def test_bfloat16_training_keeps_the_selection_math_in_float32(mixtral, tmp_path):
+    cfg = mixtral_config(mixtral, tmp_path / "r", dtype="bfloat16")
+    model = build_model(cfg, pretrained=True)
+    access = make_access(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    state = {k: v.clone() for k, v in access.state_dict().items()}
+    upload = client_round_module.client_round(cfg, access, load_client_data(cfg, 0), state,
+                                              access.num_layers, server_round=1)
+    assert upload.failure is None
+    assert access.router_probs().dtype == torch.float32  # recorded from bf16 logits, upcast
+    assert upload.usage.dtype == upload.importance.dtype == torch.float32
+    assert {v.dtype for v in upload.tensors.values()} == {torch.bfloat16}
+    moved = [k for k, v in upload.tensors.items() if not torch.equal(v, state[k])]
+    assert moved, "a bfloat16 round changed nothing"
+
+
+def test_out_of_memory_is_the_clients_failure_and_the_run_goes_on(mixtral, tmp_path, monkeypatch):
+    """A CUDA out-of-memory error (injected: CI has no GPU) in partition 1's first round
+    is recorded as its failure; the round completes with the other client, and in round
+    2 partition 1 trains again from the current global model."""
+    real = client_round_module.train_local
+    calls = []
+
+    def train_local(model, batches, budget, cfg, **kw):
+        calls.append(budget)
+        if len(calls) == 2:  # round 1, second client (clients run in partition order)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(model, batches, budget, cfg, **kw)
+
+    monkeypatch.setattr(client_round_module, "train_local", train_local)
+    run_inprocess(mixtral_config(mixtral, tmp_path / "oom", rounds=2))
+    first, second = rows(tmp_path / "oom")[1:]
+    assert [f["kind"] for f in first["failures"]] == ["out-of-memory"]
+    assert first["failures"][0]["id"] == 1 and "out of memory" in first["failures"][0]["reason"]
+    assert [c["id"] for c in first["clients"]] == [0]
+    assert second["failures"] == [] and sorted(c["id"] for c in second["clients"]) == [0, 1]
+
+
+def test_an_error_inside_the_local_round_leaves_no_deferred_backward_installed(mixtral, tmp_path, monkeypatch):
+    cfg = mixtral_config(mixtral, tmp_path / "r")
+    access = make_access(build_model(cfg, pretrained=True))
+    state = {k: v.clone() for k, v in access.state_dict().items()}
+
+    def clip(*args, **kwargs):  # the step's backward has run through the deferred experts by now
+        assert any(fused_deferred.installed(m) for m in access.experts_modules())
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    upload = client_round_module.client_round(cfg, access, load_client_data(cfg, 0), state, access.num_layers, 1)
+    assert upload.failure and upload.metrics["out-of-memory"] == 1
+    assert not any(fused_deferred.installed(m) for m in access.experts_modules())

@@ -289,6 +289,19 @@ def test_aggregate_experts_keeps_float64_precision_and_dtype() -> None:
     close(out["w"], [1.0 + 0.5e-12])
 
 
+def test_bfloat16_experts_are_averaged_in_float64_and_written_in_bfloat16() -> None:
+    """Many clients' bf16 copies averaged in bf16 arithmetic would drift by a rounding
+    error per addition; accumulated in float64 the mean is exact before the one final
+    rounding to the model's dtype."""
+    g = torch.Generator().manual_seed(0)
+    copies = [torch.randn(64, generator=g).to(torch.bfloat16) for _ in range(16)]
+    previous = {"w": torch.zeros(64, dtype=torch.bfloat16)}
+    out = aggregate_experts(previous, [{"w": c} for c in copies], [1] * 16)
+    assert out["w"].dtype == torch.bfloat16
+    exact = torch.stack([c.double() for c in copies]).mean(dim=0)
+    assert torch.equal(out["w"], exact.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize(
     ("updates", "counts", "match"),
     [

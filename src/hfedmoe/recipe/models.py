@@ -249,14 +249,30 @@ def _quantization(cfg: RunConfig, dtype: torch.dtype) -> dict:
 
 
 def enable_gradient_checkpointing(cfg: RunConfig, model: torch.nn.Module) -> None:
-    """transformers' own gradient checkpointing on the model's backbone (non-reentrant, so
-    it composes with the deferred expert backward and with frozen LoRA bases)."""
+    """transformers' own gradient checkpointing on the model's backbone: every decoder
+    (or encoder) layer keeps only its input and runs its forward again inside the backward.
+
+    Non-reentrant (``use_reentrant=False``), which is what the rest of training needs:
+    reentrant checkpointing refuses ``backward(inputs=...)`` (how the loop limits the
+    backward to the selected experts), and needs the input embeddings to require grad
+    when the base is frozen (LoRA). The recomputed forward fires the routing hooks again
+    (same routing: same inputs, dropout replayed from the saved RNG state) and runs the
+    deferred experts' forward again, after the selection was set; both are tested
+    (tests/recipe/test_gradient_checkpointing.py). The upcycled encoder's backbone is a
+    transformers BertModel and is checkpointed the same way.
+    """
     backbone = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
     if backbone is None or not getattr(backbone, "supports_gradient_checkpointing", False):
         raise ConfigError(f"--gradient-checkpointing: --model {cfg.model!r} "
                           f"({type(backbone or model).__name__}) does not support transformers' gradient "
                           "checkpointing: drop the flag")
-    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):  # the newer name; the old one warns
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(backbone.config, "use_cache", None):  # training never uses the KV cache; a checkpointed
+        backbone.config.use_cache = False            # layer would drop it anyway, with a warning
 
 
 def _lora_classifier(cfg: RunConfig) -> torch.nn.Module:

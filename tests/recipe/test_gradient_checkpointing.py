@@ -174,7 +174,7 @@ def test_reentrant_checkpointing_would_refuse_the_loops_backward():
     backward(inputs=<the selected experts' tensors>), which reentrant checkpointing refuses
     (the tests above run that very backward through enable_gradient_checkpointing)."""
     model = tiny_causal_lm("mixtral").train()
-    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     ids, mask = inputs()
     loss = model(ids, mask).square().mean()
     with pytest.raises(RuntimeError, match="inputs"):

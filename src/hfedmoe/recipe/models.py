@@ -191,6 +191,8 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
         if pretrained:
             model = auto.from_pretrained(path, config=config, local_files_only=path.is_dir(), dtype=dtype,
                                          **_quantization(cfg, dtype))
+            if cfg.load_in_4bit and run_device(cfg).type == "cpu":
+                _keep_4bit_training_layout(model)
         else:
             model = auto.from_config(config, dtype=dtype)
     except ValueError as err:
@@ -246,6 +248,22 @@ def _quantization(cfg: RunConfig, dtype: torch.dtype) -> dict:
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
     return {"quantization_config": quant, "device_map": {"": str(run_device(cfg))}}
+
+
+def _keep_4bit_training_layout(model: torch.nn.Module) -> None:
+    """4-bit on a CPU (the tests' path, see ALLOW_CPU_4BIT_ENV): keep every bitsandbytes
+    Linear4bit in the layout training uses.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight for an
+    inference kernel at its first forward in eval mode without gradients (an evaluation),
+    and keeps it repacked. That fails outright when in_features is not a multiple of the
+    quantization block (64), and afterwards every TRAINING forward runs the inference kernel,
+    which has no backward: no gradient passes the layer (torch only warns), so the adapters
+    below it stop learning. Measured on the tests' tiny Mixtral and on a bare Linear4bit.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(cfg: RunConfig, model: torch.nn.Module) -> None:

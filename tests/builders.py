@@ -9,7 +9,7 @@ Three groups:
 - the tiny upcycled BERT (2 MoE layers x 4 experts, top-2): ``tiny_bert``, ``tiny_moe``, ``batch``;
 - tiny random configs of the transformers 5.x fused-expert families: ``FAMILIES``, ``tiny_config``, ``inputs``;
 - Hugging Face checkpoints on disk and one in-process federated round: ``save_family``,
-  ``write_data``, ``one_round_replies``, ``one_round``.
+  ``write_data``, ``one_round_parties``, ``one_round_replies``, ``one_round``.
 """
 
 from __future__ import annotations
@@ -131,11 +131,11 @@ def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- Hugging Face checkpoints on disk, a local data file, one federated round -----------------
 
-def save_family(name: str, directory: Path, tokenizer) -> Path:
+def save_family(name: str, directory: Path, tokenizer, **overrides) -> Path:
+    """A tiny random checkpoint of family ``name`` (``overrides``: config fields to change)."""
     family = FAMILIES[name]
-    config = transformers.AutoConfig.for_model(
-        family.model_type, **{**COMMON, "vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id},
-        **family.config)
+    fields = {**COMMON, "vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id, **family.config}
+    config = transformers.AutoConfig.for_model(family.model_type, **{**fields, **overrides})
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -158,6 +158,13 @@ def write_data(path: Path, per_class: int = 8) -> Path:
 
 def one_round_replies(cfg: RunConfig):
     """One HFedMoE round in-process: (server access, old state, each client's reply, new state)."""
+    server, _, state, replies, new = one_round_parties(cfg)
+    return server, state, replies, new
+
+
+def one_round_parties(cfg: RunConfig):
+    """One HFedMoE round in-process: (server access, client access, old state, each client's
+    reply, new state); one client model trains every client in turn, the last one stays in it."""
     server = make_access(build_model(cfg, pretrained=True))
     client = make_access(build_model(cfg, pretrained=False))
     budgets = cfg.budgets_for(server.num_layers, server.num_experts)
@@ -173,7 +180,7 @@ def one_round_replies(cfg: RunConfig):
     new = strategy.aggregate(updates)
     new.pop("__alpha__")
     server.load_state_dict(new, strict=True)
-    return server, state, replies, new
+    return server, client, state, replies, new
 
 
 def one_round(cfg: RunConfig) -> tuple[dict, list[dict], dict]:

@@ -85,6 +85,9 @@ class MoEFeedForward(nn.Module):
         # Deferred backward (see DeferredExperts): set by the trainer for clients
         # whose budget cannot train every expert; `selected` is filled in after the
         # forward pass, once the batch's selection is known, and read in backward.
+        # The forward never clears it: with gradient checkpointing the forward runs
+        # again INSIDE the backward, after the selection was set (the access layer
+        # clears it when the deferred path is switched on or off).
         self.deferred_backward = False
         self.selected: torch.Tensor | None = None  # BoolTensor[S]
 
@@ -97,7 +100,6 @@ class MoEFeedForward(nn.Module):
 
         dispatch = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_idx, True)
         if self.deferred_backward and torch.is_grad_enabled():
-            self.selected = None
             expert_out = DeferredExperts.apply(tokens, top_idx, self)  # [N, k, H]
             out = (top_p.unsqueeze(-1) * expert_out).sum(dim=1)
         else:

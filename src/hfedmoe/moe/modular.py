@@ -133,6 +133,7 @@ class ModularMoEAccess:
         """
         for layer in self.layers:
             layer.deferred_backward = enabled
+            layer.selected = None  # no selection of an earlier round (or step) carries over
         return True
 
     def set_selection(self, selection: torch.Tensor) -> None:

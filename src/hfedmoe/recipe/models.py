@@ -191,6 +191,8 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
         if pretrained:
             model = auto.from_pretrained(path, config=config, local_files_only=path.is_dir(), dtype=dtype,
                                          **_quantization(cfg, dtype))
+            if cfg.load_in_4bit and run_device(cfg).type == "cpu":
+                _keep_4bit_training_layout(model)
         else:
             model = auto.from_config(config, dtype=dtype)
     except ValueError as err:
@@ -248,15 +250,47 @@ def _quantization(cfg: RunConfig, dtype: torch.dtype) -> dict:
     return {"quantization_config": quant, "device_map": {"": str(run_device(cfg))}}
 
 
+def _keep_4bit_training_layout(model: torch.nn.Module) -> None:
+    """4-bit on a CPU (the tests' path, see ALLOW_CPU_4BIT_ENV): keep every bitsandbytes
+    Linear4bit in the layout training uses.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight for an
+    inference kernel at its first forward in eval mode without gradients (an evaluation),
+    and keeps it repacked. That fails outright when in_features is not a multiple of the
+    quantization block (64), and afterwards every TRAINING forward runs the inference kernel,
+    which has no backward: no gradient passes the layer (torch only warns), so the adapters
+    below it stop learning. Measured on the tests' tiny Mixtral and on a bare Linear4bit.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
+
+
 def enable_gradient_checkpointing(cfg: RunConfig, model: torch.nn.Module) -> None:
-    """transformers' own gradient checkpointing on the model's backbone (non-reentrant, so
-    it composes with the deferred expert backward and with frozen LoRA bases)."""
+    """transformers' own gradient checkpointing on the model's backbone: every decoder
+    (or encoder) layer keeps only its input and runs its forward again inside the backward.
+
+    Non-reentrant (``use_reentrant=False``), which is what the rest of training needs:
+    reentrant checkpointing refuses ``backward(inputs=...)`` (how the loop limits the
+    backward to the selected experts), and needs the input embeddings to require grad
+    when the base is frozen (LoRA). The recomputed forward fires the routing hooks again
+    (same routing: same inputs, dropout replayed from the saved RNG state) and runs the
+    deferred experts' forward again, after the selection was set; both are tested
+    (tests/recipe/test_gradient_checkpointing.py). The upcycled encoder's backbone is a
+    transformers BertModel and is checkpointed the same way.
+    """
     backbone = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
     if backbone is None or not getattr(backbone, "supports_gradient_checkpointing", False):
         raise ConfigError(f"--gradient-checkpointing: --model {cfg.model!r} "
                           f"({type(backbone or model).__name__}) does not support transformers' gradient "
                           "checkpointing: drop the flag")
-    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):  # the newer name; the old one warns
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(backbone.config, "use_cache", None):  # training never uses the KV cache; a checkpointed
+        backbone.config.use_cache = False            # layer would drop it anyway, with a warning
 
 
 def _lora_classifier(cfg: RunConfig) -> torch.nn.Module:

@@ -4,6 +4,7 @@ directory or a hub id (downloaded by transformers only when the user names one).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def quiet_transformers(cfg: RunConfig | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # bitsandbytes (the qlora extra; peft imports it whenever it is installed) warns on a
+    # CPU that an optional faster kernel package is missing, and names `pip install kernels`:
+    # nothing a run needs, so not on every LoRA run's stderr.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @functools.lru_cache(maxsize=2)

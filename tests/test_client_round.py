@@ -106,3 +106,15 @@ def test_an_error_inside_the_local_round_leaves_no_deferred_backward_installed(m
     upload = client_round_module.client_round(cfg, access, load_client_data(cfg, 0), state, access.num_layers, 1)
     assert upload.failure and upload.metrics["out-of-memory"] == 1
     assert not any(fused_deferred.installed(m) for m in access.experts_modules())
+
+
+def test_a_bfloat16_lora_round_trains_float32_adapters_over_the_bfloat16_base(mixtral, tmp_path):
+    run_inprocess(mixtral_config(mixtral, tmp_path / "lora", dtype="bfloat16", lora_rank=4))
+    rows_ = rows(tmp_path / "lora")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows_)
+    assert rows_[1]["failures"] == [] and len(rows_[1]["clients"]) == 2
+    with safe_open(str(tmp_path / "lora" / "final" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    adapters = {d for k, d in dtypes.items() if ".lora_" in k}
+    others = {d for k, d in dtypes.items() if ".lora_" not in k}
+    assert adapters == {"F32"} and others == {"BF16"}  # routers and head in the model's dtype

@@ -165,6 +165,13 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | N
                         target_parameters=expert_params)
     torch.manual_seed(seed)
     inject_adapter_in_model(config, model)
+    # Adapters in float32 over a half-precision base (what PEFT's PeftModel does with
+    # autocast_adapter_dtype; inject_adapter_in_model leaves them in the base's dtype):
+    # an AdamW step of ~lr on a bfloat16 weight mostly rounds away, on a float32 one it
+    # does not, and the adapters are small. PEFT casts inputs to the adapter's dtype.
+    for name, param in model.named_parameters():
+        if ".lora_" in name and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
     modules = dict(model.named_modules())
     for name in heads + routers:
         for param in modules[name].parameters():

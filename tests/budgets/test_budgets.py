@@ -214,6 +214,8 @@ def test_a_client_with_a_memory_budget_bounds_the_allocator(monkeypatch):
         pass
 
     class Access:
+        model = torch.nn.Linear(1, 1)  # on the CPU, where the allocator bound applies
+
         def load_state_dict(self, state, strict=True):
             raise Stop
 

@@ -162,9 +162,10 @@ def test_bench_quick_prints_the_ratios_as_json(tmp_path):
 def test_memory_budget_below_the_minimum_fails_clearly_before_anything_starts(tmp_path):
     marker = new_marker()
     try:
+        # analytic: the mapping's error, without first measuring a calibration (minutes)
         proc = _run([str(BIN / "hfedmoe"), "run", "--clients", "2", "--mem-budgets", "10MB,4GB",
-                     "--out", str(tmp_path / "r")], _env(marker, XDG_CACHE_HOME=str(tmp_path / "cache")),
-                    timeout=120)
+                     "--calibration", "analytic", "--out", str(tmp_path / "r")],
+                    _env(marker, XDG_CACHE_HOME=str(tmp_path / "cache")), timeout=120)
     finally:
         stop_marked(marker)
     assert proc.returncode == 2, proc.stderr
@@ -175,15 +176,20 @@ def test_memory_budget_below_the_minimum_fails_clearly_before_anything_starts(tm
 
 @pytest.mark.e2e
 def test_memory_budgets_map_to_expert_budgets_and_are_reported(tmp_path):
+    """Also the first use of a shape: the run measures its memory calibration before Flower
+    starts and caches it (the server then finds it)."""
     marker = new_marker()
     out = tmp_path / "run"
+    cache = tmp_path / "cache"
     try:
         proc = _run([str(BIN / "hfedmoe"), "run", "--rounds", "1", "--clients", "2",
                      "--mem-budgets", "100GB,100GB", "--out", str(out), *SMALL],
-                    _env(marker, XDG_CACHE_HOME=str(tmp_path / "cache")), timeout=600)
+                    _env(marker, XDG_CACHE_HOME=str(cache)), timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:
         stop_marked(marker)
+    assert proc.stderr.count("no memory calibration for this model and batch shape yet") == 1, proc.stderr[-3000:]
+    assert len(list((cache / "hfedmoe" / "calibration").glob("*.json"))) == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for client in rows[1]["clients"]:
         assert client["mem_budget_bytes"] == 100 * 10**9

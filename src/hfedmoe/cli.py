@@ -41,7 +41,10 @@ _HELP = {
                    "through the (calibrated) memory model",
     "mem_budget_range": "memory budgets drawn uniformly per client (seeded), e.g. 600MB:2GB (the paper's scheme)",
     "time_budgets": "compute budget per client: seconds of local training per round, e.g. 30,30,15,15",
-    "calibration": "memory calibration file from `hfedmoe calibrate` (default: the cache, when calibrated)",
+    "calibration": "memory model of --mem-budgets/--mem-budget-range: a calibration file from `hfedmoe calibrate`; "
+                   "'analytic': the first-principles estimate, nothing measured (may lie below the real peak: "
+                   "budgets can be exceeded); default: the cached calibration of this model, batch shape, device "
+                   "and dtype, measured on first use (a few fresh processes, once)",
     "mem_headroom": "share of each memory budget left unplanned, for the memory model's error and the "
                     "allocator's slow growth over long runs (0.05: plan for 95%%)",
     "round_timeout": "seconds the server waits for a round's replies; later clients count as failed",
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     # torch, transformers: loaded once a command runs, so --help and flag errors stay instant
-    from hfedmoe.budgets import calibrate, default_calibration_path
+    from hfedmoe.budgets import calibrate, default_calibration_path, default_counts, write_calibration
     from hfedmoe.recipe import moe_shape  # same reason
 
     try:
@@ -199,7 +202,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2
     total = layers * experts
-    counts = args.counts or sorted({max(layers, total // 8), max(layers, total // 4), max(layers, total // 2), total})
+    counts = args.counts or default_counts(layers, total)
     if min(counts) < layers or max(counts) > total:
         print(f"hfedmoe: error: --counts must lie in {layers}..{total} (one expert per layer .. all)", file=sys.stderr)
         return 2
@@ -208,12 +211,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     steps = args.steps or cfg.local_steps
     result = calibrate(cfg, counts, steps=steps, log=lambda t: print(t, file=sys.stderr, flush=True))
     path = Path(args.calibration_out) if args.calibration_out else default_calibration_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_calibration(path, result)
     model = result["memory_model"]
     full = next(p for p in result["points"] if p["trained_experts"] == max(counts))
     print(f"memory model: {model['base_bytes'] / 1e6:.1f} MB + {model['per_expert_bytes'] / 1e6:.2f} MB per trained "
-          f"expert; max |predicted/measured - 1| = {result['max_abs_error']:.1%}", file=sys.stderr)
+          f"expert, raised {result['upper_bound']['raised_by_bytes'] / 1e6:.1f} MB above the least-squares fit "
+          f"to cover every measured peak; max |fit/measured - 1| = {result['max_abs_error']:.1%}", file=sys.stderr)
     for p in result["points"]:
         print(f"  {p['trained_experts']:>4} experts ({p['trained_experts'] / total:5.0%}): step "
               f"{p['step_s']:.3f} s = {p['step_s'] / full['step_s']:.2f}x of all, peak {p['peak_bytes'] / 1e6:.0f} MB "
@@ -254,8 +257,6 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = run_config_from(args)
         cfg.budgets_for(*moe_shape(cfg))  # fail before any process starts
-        if cfg.mem_budgets or cfg.mem_budget_range:
-            client_budgets(cfg, make_access(build_model(cfg, pretrained=False)))
         if cfg.resume and not cfg.out:
             raise ConfigError("--resume needs --out: the directory of the run to continue")
         cfg.dtype = agreed_dtype(cfg)  # as the server will: a resumed run compares the resolved dtype
@@ -265,6 +266,10 @@ def _run(args: argparse.Namespace) -> int:
         elif (Path(cfg.out) / "metrics.jsonl").exists():
             raise ConfigError(f"{cfg.out} already holds a run (metrics.jsonl): add --resume to continue it, "
                               "or choose another --out")
+        if cfg.mem_budgets or cfg.mem_budget_range:
+            # Memory budgets -> C_budget now, so a budget too small fails before Flower starts; without a
+            # calibration for this shape this measures one (first use), which the server then finds cached.
+            client_budgets(cfg, make_access(build_model(cfg, pretrained=False)))
     except (ConfigError, FileExistsError) as err:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2

@@ -144,6 +144,32 @@ def plan_runs(base: RunConfig, out: Path, methods: list[str] | None = None, seed
 
 # --- running ------------------------------------------------------------------------
 
+def check_memory_budgets(runs: list[PlannedRun], log: Callable[[str], None] = print) -> None:
+    """Memory budgets -> C_budget of every run still to do, before any starts.
+
+    A budget too small fails now (ConfigError naming the run), and a shape without a
+    memory calibration is measured here, once: every later run of that shape (whatever
+    its method or seed), and each run's server, finds it cached.
+    """
+    # torch, transformers: `hfedmoe compare --help` stays instant
+    from hfedmoe.budgets import calibration_identity, client_budgets
+    from hfedmoe.moe import make_access  # same reason
+    from hfedmoe.recipe import build_model  # same reason
+
+    built: tuple[str, object] | None = None  # (identity, access): one model at a time
+    for run in runs:
+        cfg = run.cfg
+        if not (cfg.mem_budgets or cfg.mem_budget_range) or (run.run_dir / "summary.json").exists():
+            continue
+        identity = json.dumps(calibration_identity(cfg), sort_keys=True)
+        if built is None or built[0] != identity:
+            built = (identity, make_access(build_model(cfg, pretrained=False)))
+        try:
+            client_budgets(cfg, built[1], log=log)
+        except ConfigError as err:
+            raise ConfigError(f"{run.label} seed {run.seed}: {err}") from None
+
+
 def engine_function(engine: str) -> Callable[..., dict]:
     """``run(cfg, reporter, verbose=...) -> summary`` of ``engine``."""
     if engine == "flower":
@@ -221,6 +247,7 @@ def run_compare(base: RunConfig, out: str | Path, methods: list[str] | None = No
     out = Path(out)
     runs = plan_runs(base, out, methods, seeds, sweep)
     run = engine_function(engine)
+    check_memory_budgets(runs, log)
     out.mkdir(parents=True, exist_ok=True)
     failed_runs = []
     started = time.perf_counter()

@@ -28,6 +28,10 @@ TASKS = ("classification", "multiple-choice", "causal-lm")
 CLASSIFIERS = ("auto", "head", "label-words")  # classification on a MoE checkpoint: new head or label words
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # --dtype (hfedmoe.recipe.device resolves auto)
 EMBEDDED_MODEL = "embedded-minilm-moe"
+# --calibration analytic: the first-principles memory estimate, no measurement (possibly
+# below the real peak); unset: the cached calibration of the run's shape, measured on
+# first use (hfedmoe.budgets.calibration)
+ANALYTIC_CALIBRATION = "analytic"
 EMBEDDED_DATASET = "bbc-news"
 
 
@@ -53,7 +57,7 @@ class RunConfig:
     mem_budgets: list[str] | None = None  # memory budget per client ("600MB"); mapped to C_budget
     mem_budget_range: str | None = None  # "600MB:2GB": seeded uniform per client (the paper's scheme)
     time_budgets: list[float] | None = None  # seconds of local training per round, per client
-    calibration: str | None = None  # memory calibration file (default: the cache, if calibrated)
+    calibration: str | None = None  # memory calibration file, "analytic", or None: the cache (measured on first use)
     mem_headroom: float = 0.05  # share of a memory budget left unplanned (model error, allocator growth)
     resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
     round_timeout: float = 3600.0  # seconds the server waits for replies; late clients count as failed
@@ -179,6 +183,13 @@ class RunConfig:
                 _bytes(text, "--mem-budgets")
         if self.mem_budget_range is not None:
             self.mem_budget_bounds()
+        if self.calibration is not None and (not isinstance(self.calibration, str) or not self.calibration.strip()):
+            raise ConfigError(f"--calibration takes a calibration file from `hfedmoe calibrate` or "
+                              f"{ANALYTIC_CALIBRATION!r} (the unmeasured estimate), got {self.calibration!r}")
+        if self.calibration and self.calibration.strip().lower() == ANALYTIC_CALIBRATION \
+                and self.calibration != ANALYTIC_CALIBRATION:
+            raise ConfigError(f"--calibration {self.calibration!r}: write {ANALYTIC_CALIBRATION!r} for the unmeasured "
+                              "estimate")
         if isinstance(self.mem_headroom, bool) or not (isinstance(self.mem_headroom, (int, float))
                                                        and 0.0 <= self.mem_headroom < 0.5):
             raise ConfigError(f"--mem-headroom must lie in [0, 0.5) (a share of each memory budget, e.g. 0.05), "

@@ -116,7 +116,7 @@ def _access():
 
 def test_client_budgets_map_memory_through_the_memory_model(tmp_path):
     access = _access()
-    cfg = RunConfig(clients=2, num_experts=S, mem_budgets=["100GB", "1KB"], calibration=None)
+    cfg = RunConfig(clients=2, num_experts=S, mem_budgets=["100GB", "1KB"], calibration="analytic")
     with pytest.raises(ConfigError, match=r"client 1: .*minimum is"):
         client_budgets(cfg, access)
     cfg.mem_budgets = ["100GB", "100GB"]
@@ -127,7 +127,7 @@ def test_client_budgets_map_memory_through_the_memory_model(tmp_path):
 
 def test_node_reported_memory_overrides_the_flags():
     access = _access()
-    cfg = RunConfig(clients=2, num_experts=S, expert_budgets=[L * S, L * S])
+    cfg = RunConfig(clients=2, num_experts=S, expert_budgets=[L * S, L * S], calibration="analytic")
     budgets = client_budgets(cfg, access, node_memory={1: 100 * 10**9})
     assert budgets[0].mem_budget_bytes is None and budgets[1].mem_budget_bytes == 100 * 10**9
 
@@ -214,6 +214,8 @@ def test_a_client_with_a_memory_budget_bounds_the_allocator(monkeypatch):
         pass
 
     class Access:
+        model = torch.nn.Linear(1, 1)  # on the CPU, where the allocator bound applies
+
         def load_state_dict(self, state, strict=True):
             raise Stop
 

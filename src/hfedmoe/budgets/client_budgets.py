@@ -43,12 +43,16 @@ def memory_budgets(cfg: RunConfig) -> list[int] | None:
     return None
 
 
-def client_budgets(cfg: RunConfig, access, node_memory: dict[int, int] | None = None) -> list[ClientBudget]:
+def client_budgets(cfg: RunConfig, access, node_memory: dict[int, int] | None = None,
+                   log=None) -> list[ClientBudget]:
     """C_budget (and memory/time budgets) of every client, by partition id.
 
     ``node_memory`` (partition id -> bytes) are memory budgets reported by the
     SuperNodes themselves (deployment: ``--node-config 'mem-budget=...'``); they
-    take precedence over the run's flags.
+    take precedence over the run's flags. Memory budgets go through
+    :func:`~hfedmoe.budgets.calibration.load_memory_model`, which measures a
+    calibration first when this shape has none cached (progress to ``log``, default
+    stderr).
     """
     total = access.num_layers * access.num_experts
     mems = memory_budgets(cfg)
@@ -60,7 +64,7 @@ def client_budgets(cfg: RunConfig, access, node_memory: dict[int, int] | None = 
         experts = cfg.budgets_for(access.num_layers, access.num_experts)
         mems = [None] * cfg.clients
     else:
-        model = load_memory_model(cfg, access)
+        model = load_memory_model(cfg, access, log)
         default = cfg.budgets_for(access.num_layers, access.num_experts)
         experts = []
         for i, mem in enumerate(mems):

@@ -12,8 +12,10 @@ dense and router gradients and optimizer state, the forward activations);
 per_expert_bytes what one more trained expert adds (its gradient, its AdamW
 moments, its saved activations). Unselected experts hold neither gradient nor
 optimizer state (see hfedmoe.training.loop), which is what makes M linear in n. The
-coefficients come from a measured calibration (`hfedmoe calibrate`, fitted with
-:func:`fit_memory_model`) or, failing that, from :func:`analytic_memory_model`.
+coefficients come from a measured calibration (`hfedmoe calibrate`, or measured
+automatically on a run's first use: fitted with :func:`fit_memory_model`, then raised
+by :func:`cover_measurements` so that no measured peak lies above the line) or, when
+asked for (``--calibration analytic``), from :func:`analytic_memory_model`.
 """
 
 from __future__ import annotations
@@ -106,6 +108,23 @@ def fit_memory_model(trained_experts: list[int], peak_bytes: list[float]) -> Mem
     sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(trained_experts, peak_bytes))
     slope = sxy / sxx
     return MemoryModel(mean_y - slope * mean_x, max(slope, 0.0), "calibrated")
+
+
+def cover_measurements(model: MemoryModel, trained_experts: list[int], peak_bytes: list[float]) -> MemoryModel:
+    """``model`` with its base raised just enough that no measured peak lies above the
+    prediction: an upper bound of its own measurements (the slope is kept).
+
+    A least-squares line passes through the middle of the points, so about half of them
+    lie above it; a budget planned on it would be exceeded by its own calibration. If
+    the line already covers every point, ``model`` is returned unchanged.
+    """
+    if len(trained_experts) != len(peak_bytes):
+        raise ValueError("cover_measurements needs one peak per expert count")
+    shortfall = max((y - model.predict(n) for n, y in zip(trained_experts, peak_bytes)), default=0.0)
+    if shortfall <= 0:
+        return model
+    # Rounded up past the next whole byte, so float rounding cannot leave a point above.
+    return MemoryModel(float(math.ceil(model.base_bytes + shortfall) + 1), model.per_expert_bytes, model.source)
 
 
 def expert_budget_for_memory(

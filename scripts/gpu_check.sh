@@ -6,7 +6,8 @@
 #     scripts/gpu_check.sh /tmp/x --tiny     # here, on the CPU: a tiny model, seconds
 #
 # Extra arguments go to gpu_check.py. Writes gpu_check.json and gpu_check.log to the folder.
-# Exit status: gpu_check.py's (0 every phase ran, 2 a phase raised, 3 a forbidden import).
+# Exit status: gpu_check.py's (0 every phase ran, 2 a phase raised, 3 a forbidden import,
+# 4 no GPU visible without --tiny).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-}}"

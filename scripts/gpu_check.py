@@ -34,8 +34,8 @@ What it does
       budgets still differ and the constrained code paths run.);
    b. caps: the paper's 12:16:24:32 GB proportions scaled to the model. The top (32-share)
       cap is the measured every-expert peak x 1.1; caps are share x C with C = top / 32 when
-      12 x C still exceeds the one-expert-per-layer peak (predicted, / (1 - headroom),
-      +2 %). When it does not (the one-per-layer peak is more than 12/32 of the full peak,
+      12 x C still exceeds what one expert per layer needs (the larger of its measured and
+      predicted peak, / (1 - headroom), +2 %). When it does not (the one-per-layer peak is more than 12/32 of the full peak,
       which fused experts make likely: every trained layer holds a full-size gradient of its
       fused expert tensors, and LoRA's memory barely depends on the expert count) the
       proportions cannot hold, the script says so and spreads the caps affinely instead:
@@ -64,6 +64,10 @@ What it does
 4. QLoRA (4-bit): runs one HFedMoE LoRA round with ``load_in_4bit=True`` when CUDA and
    bitsandbytes are present; otherwise skipped with the reason printed.
 
+``--emulate-cap`` (CPU only, what tests/test_gpu_check.py uses): a client round whose
+predicted peak exceeds its cap raises ``torch.OutOfMemoryError`` in its first backward, as
+the capped CUDA allocator would, so the out-of-memory path is rehearsed here too.
+
 Targets (PASS/FAIL printed at the end): HFedMoE 0 out-of-memory failures; every HFedMoE peak
 under its cap; the framework's per-step overhead over the plain loop <= 5 %; resident memory
 flat across rounds. On the CPU the allocator enforces no cap, peaks are RSS-based and noisy:
@@ -76,7 +80,7 @@ microseconds instead of ~0.3 s; no timed step and no measured peak includes them
 Every figure goes to ``--out``/gpu_check.json (rewritten after each phase, so a timeout keeps
 what was measured) and the log to ``--out``/gpu_check.log. Each phase catches its own
 exceptions (printed with a traceback; the others still run). Phases not started once
-``--time-limit-s`` has passed are skipped with a note. Exit status: 0 when every phase ran
+``--time-limit-s`` (default 400 s on the GPU) has passed are skipped with a note. Exit status: 0 when every phase ran
 (targets may still FAIL: read them), 2 when a phase raised, 3 when ``--check-imports``
 found a forbidden module loaded, 4 when no GPU is visible without ``--tiny`` (or ``--device cpu``).
 

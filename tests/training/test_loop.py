@@ -174,3 +174,35 @@ def test_evaluate_accuracy_and_loss():
 def test_evaluate_refuses_empty_batches():
     with pytest.raises(ValueError, match="no batches"):
         evaluate(tiny_moe(sharp_router=True), [])
+
+
+def test_a_round_that_runs_out_of_memory_leaves_no_gradients_behind():
+    """An out-of-memory error mid-backward (a client over its GPU cap) must not leave
+    gradients on the parameters: they would stay resident and be added to the next
+    round's first backward (the model object serves client after client)."""
+    model = tiny_moe(sharp_router=True)
+    reference = copy.deepcopy(model)
+    cfg = LocalTrainConfig(local_steps=3, lr=1e-3)
+    calls = {"n": 0}
+
+    def out_of_memory(_param):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step's backward, after other gradients accumulated
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    embeddings = model.backbone.embeddings.word_embeddings.weight  # its gradient accumulates last
+    handle = embeddings.register_post_accumulate_grad_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train_local(model, endless(), expert_budget=L * S, cfg=cfg)
+    handle.remove()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+
+    # the next round on the same model object trains as on a clean one
+    model.load_state_dict(reference.state_dict())
+    torch.manual_seed(0)
+    after_failure = train_local(model, endless(seed=1), expert_budget=L * S, cfg=cfg)
+    torch.manual_seed(0)
+    clean = train_local(reference, endless(seed=1), expert_budget=L * S, cfg=cfg)
+    assert after_failure.train_loss == clean.train_loss
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name

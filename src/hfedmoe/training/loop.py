@@ -226,6 +226,9 @@ def train_local(
                 memtrace("step", step=step)
     finally:  # also after an out-of-memory error: the next round starts clean
         access.enable_deferred_backward(False)
+        # A step that failed mid-backward or mid-step leaves gradients on the parameters:
+        # memory still held, and the next round's first backward would add to them.
+        model.zero_grad(set_to_none=True)
     steps = len(step_times)
     return LocalTrainResult(
         num_samples=num_samples,

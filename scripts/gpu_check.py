@@ -108,7 +108,8 @@ from pathlib import Path
 import torch
 
 from hfedmoe.budgets import analytic_model_for
-from hfedmoe.client_round import client_round, local_train_config
+from hfedmoe.client_round import client_round
+from hfedmoe.recipe import local_train_config
 from hfedmoe.config import RunConfig
 from hfedmoe.core.budget import MemoryModel, expert_budget_for_memory, fit_memory_model
 from hfedmoe.data import TensorBatches, encode_instructions, load_tokenizer

@@ -16,8 +16,8 @@ from hfedmoe.config import RunConfig
 from hfedmoe.methods import get_method
 from hfedmoe.methods.base import ClientContext
 from hfedmoe.moe import MoEAccess, ParamGroups
-from hfedmoe.recipe import ClientData, build_model
-from hfedmoe.training import LocalTrainConfig, LocalTrainResult, batches_from_round, train_local
+from hfedmoe.recipe import ClientData, build_model, local_train_config
+from hfedmoe.training import LocalTrainResult, batches_from_round, train_local
 from hfedmoe.training.device import model_device
 from hfedmoe.training.memory import (
     bound_allocator,
@@ -75,15 +75,6 @@ class ClientUpload:
 
     def dense(self, groups: ParamGroups) -> dict[str, torch.Tensor]:
         return {k: self.tensors[k] for k in groups.dense}
-
-
-def local_train_config(cfg: RunConfig) -> LocalTrainConfig:
-    """The local loop's settings of a run."""
-    return LocalTrainConfig(
-        local_steps=cfg.local_steps, lr=cfg.lr, new_param_lr_mult=cfg.new_param_lr_mult, lam=cfg.lam,
-        beta=cfg.beta, pooling=cfg.pooling, select_by=cfg.select_by, aux_loss_coef=cfg.aux_loss_coef,
-        task=cfg.task,
-    )
 
 
 def client_round(

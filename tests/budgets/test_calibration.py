@@ -283,3 +283,18 @@ def test_first_use_really_measures_a_tiny_checkpoint(tmp_path, cache, tokenizer,
 
     monkeypatch.setattr(calibration, "run_in_fresh_process", refuse)
     assert [b.expert_budget for b in client_budgets(cfg, access, log=refuse)] == [4, 4]
+
+
+def test_a_measurement_trains_with_the_runs_task_loss(tmp_path, tokenizer):
+    """A causal-lm run's calibration point trains with the causal-lm loss (it used to
+    build its loop settings without the task and fail on the classification loss)."""
+    import datasets
+
+    rows = [{"instruction": f"say {w} twice", "output": f"{w} {w}"} for w in ["red", "blue", "green", "gold"] * 3]
+    data = tmp_path / "sft.jsonl"
+    datasets.Dataset.from_list(rows).to_json(str(data))
+    cfg = RunConfig(model=str(_tiny_olmoe(tmp_path / "olmoe", tokenizer)), dataset=str(data), task="causal-lm",
+                    text_column="instruction", response_column="output", clients=2, batch_size=2, max_length=16,
+                    local_steps=1, test_fraction=0.25).validate()
+    point = calibration.run_in_fresh_process(["memory", cfg.to_json(), "2", "1"])
+    assert point["trained_experts"] == 2 and point["peak_bytes"] >= point["weights_bytes"] > 0

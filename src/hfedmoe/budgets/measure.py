@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from dataclasses import replace
 
 import torch
 
 from hfedmoe.config import RunConfig
-from hfedmoe.recipe import build_model, endless, load_client_data
-from hfedmoe.training import LocalTrainConfig, set_torch_threads, train_local
+from hfedmoe.recipe import build_model, endless, load_client_data, local_train_config
+from hfedmoe.training import set_torch_threads, train_local
 from hfedmoe.training.memory import bound_allocator, weight_bytes
 
 
@@ -31,7 +32,7 @@ def measure_step(cfg: RunConfig, trained_experts: int, steps: int) -> dict:
     bound_allocator()  # as on the clients this calibration is for (those with a memory budget)
     model = build_model(cfg, pretrained=False)
     data = load_client_data(cfg, 0)
-    local = LocalTrainConfig(local_steps=steps, lr=cfg.lr, lam=cfg.lam, beta=cfg.beta)
+    local = replace(local_train_config(cfg), local_steps=steps)  # the run's task loss and settings
     torch.manual_seed(cfg.seed)
     result = train_local(model, endless(data.batches), trained_experts, local)
     return {"trained_experts": trained_experts, "peak_bytes": result.peak_mem_bytes,
@@ -45,7 +46,7 @@ def measure_step_times(cfg: RunConfig, counts: list[int], repeats: int = 3, step
     bound_allocator()
     model = build_model(cfg, pretrained=False)
     batches = endless(load_client_data(cfg, 0).batches)
-    local = LocalTrainConfig(local_steps=steps, lr=cfg.lr, lam=cfg.lam, beta=cfg.beta)
+    local = replace(local_train_config(cfg), local_steps=steps)  # the run's task loss and settings
     times: dict[int, list[float]] = {n: [] for n in counts}
     for _ in range(repeats):
         for n in counts:

@@ -1,6 +1,7 @@
 """The recipe of a run: its model and data, rebuilt identically by server and clients from a
 :class:`~hfedmoe.config.RunConfig` (sources.py: where model and tokenizer come from;
-data.py: dataset, split, partitions, tensors; models.py: how a checkpoint meets the task)."""
+data.py: dataset, split, partitions, tensors; models.py: how a checkpoint meets the task;
+device.py: which device and dtype; local.py: the local loop's settings)."""
 
 from hfedmoe.recipe.data import (
     ClientData,
@@ -16,6 +17,7 @@ from hfedmoe.recipe.data import (
     load_examples,
     load_test_batches,
 )
+from hfedmoe.recipe.local import local_train_config
 from hfedmoe.recipe.models import (
     build_model,
     hf_head,
@@ -43,6 +45,7 @@ __all__ = [
     "load_dataset_split",
     "load_examples",
     "load_test_batches",
+    "local_train_config",
     "model_kind",
     "model_spec",
     "moe_shape",

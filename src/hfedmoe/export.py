@@ -78,13 +78,12 @@ def export_model(cfg: RunConfig, model: torch.nn.Module, out: str | Path, labels
             inner.config.id2label = dict(enumerate(labels))
             inner.config.label2id = {name: i for i, name in enumerate(labels)}
         if cfg.lora_rank:
-            peft_model = _as_peft_model(cfg, inner)
             if merge:
-                peft_model.merge_and_unload().save_pretrained(out)
+                _as_peft_model(cfg, inner).merge_and_unload().save_pretrained(out)
                 info["format"] = "transformers"
                 info["merged_from_lora"] = True
             else:
-                peft_model.save_pretrained(out)
+                _save_adapter(cfg, inner, out)
                 info["format"] = "peft"
         else:
             inner.save_pretrained(out)
@@ -94,25 +93,59 @@ def export_model(cfg: RunConfig, model: torch.nn.Module, out: str | Path, labels
     return out
 
 
+def _lora_config(cfg: RunConfig, inner: torch.nn.Module, base: torch.nn.Module):
+    """The run's LoRA as a PEFT ``LoraConfig`` (as :func:`hfedmoe.moe.lora.apply_lora` injects it),
+    with the fully trained routers and head of ``inner`` as ``modules_to_save``."""
+    from peft import LoraConfig  # optional, heavy: LoRA runs only
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha_value(), lora_dropout=0.0, bias="none",
+                      target_modules=resolve_targets(base, cfg.lora_target_names()),
+                      target_parameters=[key for block in find_fused_blocks(base) for key in block.expert_keys],
+                      modules_to_save=_modules_to_save(inner), base_model_name_or_path=str(resolve_model_path(cfg)))
+
+
+def _save_adapter(cfg: RunConfig, inner: torch.nn.Module, out: Path) -> None:
+    """PEFT's adapter directory of ``inner`` (LoRA injected in place), without a second base in memory.
+
+    The key names PEFT saves and loads are read from a ``PeftModel`` over a meta-device
+    copy of the architecture (no weights); the tensors are ``inner``'s own trainable
+    ones (adapters, routers, head), so the file is what ``PeftModel.save_pretrained``
+    writes and ``PeftModel.from_pretrained(base, out)`` loads.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict  # optional, heavy: LoRA runs only
+
+    with torch.device("meta"):
+        skeleton = type(inner)._from_config(inner.config)
+    config = _lora_config(cfg, inner, skeleton)
+    expected = set(get_peft_model_state_dict(get_peft_model(skeleton, config)))
+    tensors = {}
+    for name, param in inner.named_parameters():
+        if param.requires_grad:
+            key = "base_model.model." + name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.",
+                                                                                            ".lora_B.")
+            tensors[key] = param.detach().cpu().contiguous()
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise RuntimeError(f"LoRA export: the trained tensors do not match PEFT's adapter keys, e.g. {odd[:3]}")
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+
+
 def _as_peft_model(cfg: RunConfig, inner: torch.nn.Module):
-    """A ``PeftModel`` over a fresh copy of the base holding ``inner``'s trained tensors.
+    """A ``PeftModel`` over a fresh copy of the base holding ``inner``'s trained tensors
+    (``--merge``: a second full model in memory, then merged).
 
     hfedmoe injects LoRA with ``inject_adapter_in_model`` (no PeftModel); PEFT saves
     and loads adapters through a PeftModel, so one is built over the same base
     checkpoint with the same LoRA config plus ``modules_to_save`` (routers, head), and
     every trainable tensor is copied into it by name.
     """
-    from peft import LoraConfig, get_peft_model  # optional, heavy: LoRA runs only
+    from peft import get_peft_model  # optional, heavy: LoRA runs only
 
     # The same base, built as the run built it (config with num_labels / pad id, dtype).
     base = type(inner).from_pretrained(resolve_model_path(cfg), config=inner.config, dtype=inner.dtype,
                                        local_files_only=resolve_model_path(cfg).is_dir())
-    blocks = find_fused_blocks(base)
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha_value(), lora_dropout=0.0, bias="none",
-                        target_modules=resolve_targets(base, cfg.lora_target_names()),
-                        target_parameters=[key for block in blocks for key in block.expert_keys],
-                        modules_to_save=_modules_to_save(inner))
-    peft_model = get_peft_model(base, config)
+    peft_model = get_peft_model(base, _lora_config(cfg, inner, base))
     source = inner.state_dict()
     with torch.no_grad():
         for name, tensor in peft_model.named_parameters():

@@ -184,3 +184,36 @@ def test_an_upcycled_run_exports_to_a_directory_hfedmoe_loads_back(tokenizer, mi
     model = load_exported(final, cfg).eval()
     with torch.no_grad():
         assert torch.equal(model(batch["input_ids"], batch["attention_mask"]), expected)
+
+
+def write_instructions(path: Path, n: int = 24) -> Path:
+    import datasets
+
+    from hfedmoe.data import load_bbc_news
+
+    bbc = load_bbc_news()
+    rows = [{"instruction": "Give the topic: " + " ".join(bbc.texts[i].split()[:12]),
+             "output": bbc.label_names[bbc.labels[i]], "category": "a" if i % 3 else "b"} for i in range(n)]
+    datasets.Dataset.from_list(rows).to_csv(str(path))
+    return path
+
+
+@pytest.mark.parametrize("head", ["label-words", "causal-lm"])
+def test_other_heads_export_and_evaluate_to_the_runs_metrics(head, mixtral, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    if head == "label-words":
+        cfg = config(mixtral, tmp_path / "run", classifier="label-words")
+    else:
+        cfg = config(mixtral, tmp_path / "run", dataset=str(write_instructions(tmp_path / "sft.csv")),
+                     task="causal-lm", text_column="instruction", response_column="output",
+                     label_column="category", max_length=24)
+    run_inprocess(cfg)
+    final = Path(cfg.out) / "final"
+    assert main(["eval", "--model", str(final)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = last_row(cfg)
+    assert result["accuracy"] == row["accuracy"] and result["loss"] == row["loss"]
+    if head == "causal-lm":
+        assert result["perplexity"] == row["perplexity"]
+    AutoModelForCausalLM.from_pretrained(final)  # a plain causal LM for transformers

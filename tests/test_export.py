@@ -217,3 +217,21 @@ def test_other_heads_export_and_evaluate_to_the_runs_metrics(head, mixtral, tmp_
     if head == "causal-lm":
         assert result["perplexity"] == row["perplexity"]
     AutoModelForCausalLM.from_pretrained(final)  # a plain causal LM for transformers
+
+
+def test_a_run_from_before_exports_is_re_exported_from_its_checkpoint(full_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(full_run.out, run)
+    shutil.rmtree(run / "final")
+    (run / "final").mkdir()  # the old layout: the internal state dict and a private spec in config.json
+    shutil.copy(checkpoint(full_run), run / "final" / "model.safetensors")
+    (run / "final" / "config.json").write_text(json.dumps({"spec": {"kind": "hf-sequence-classification"}}))
+    assert main(["eval", "--model", str(run / "final")]) == 2
+    assert "hfedmoe export" in capsys.readouterr().err
+    assert main(["export", str(run)]) == 0
+    assert main(["eval", "--model", str(run / "final")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = last_row(full_run)
+    assert result["accuracy"] == row["accuracy"] and result["loss"] == row["loss"]

@@ -173,13 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_flags(compare)
 
     evaluate = sub.add_parser(
-        "eval", help="test metrics (the run's own) of an exported model or a checkpoint on a dataset",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "eval", help="test metrics (the run's own) of an exported model or a checkpoint on a dataset")
     evaluate.add_argument("--model", required=True,
                           help="an exported directory (a run's final/ or exports/round-K/) or a base checkpoint")
     evaluate.add_argument("--split", choices=("test", "all"), default="test",
                           help="test: the dataset's seeded test split (the run's own when it is the run's "
-                               "dataset); all: every example")
+                               "dataset; the default); all: every example")
     for name in ("dataset", "task", "classifier", "text_column", "label_column", "choices_column", "answer_column",
                  "response_column", "max_length", "test_fraction", "seed", "eval_batch_size", "device", "dtype"):
         kind = {"max_length": int, "seed": int, "eval_batch_size": int, "test_fraction": float}.get(name, str)

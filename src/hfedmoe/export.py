@@ -236,6 +236,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool =
     state = load_file(str(latest.parent / json.loads(latest.read_text())["file"]))
     make_access(model).load_state_dict(state, strict=True)
     target = Path(out) if out else run_dir / ("merged" if merge else "final")
+    stale = target / "config.json"
+    if stale.is_file() and "spec" in json.loads(stale.read_text()):  # the layout from before exports
+        stale.unlink()
+        (target / "model.safetensors").unlink(missing_ok=True)
     return export_model(cfg, model, target, label_names(cfg), merge=merge)
 
 
@@ -254,6 +258,10 @@ def eval_config(model_dir: str | Path, overrides: dict) -> tuple[RunConfig, dict
     info = read_info(model_dir)
     given = {k: v for k, v in overrides.items() if v is not None}
     if info is None:
+        old = model_dir / "config.json"
+        if old.is_file() and "spec" in json.loads(old.read_text()):
+            raise ConfigError(f"{model_dir} was written before exports existed (an internal state dict): re-export "
+                              f"the run with `hfedmoe export {model_dir.parent}`")
         if "dataset" not in given:
             raise ConfigError(f"--model {str(model_dir)!r} is no hfedmoe export (no {INFO_FILE}): name the data "
                               "with --dataset (and its columns)")

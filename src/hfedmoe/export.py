@@ -270,6 +270,7 @@ def eval_config(model_dir: str | Path, overrides: dict) -> tuple[RunConfig, dict
         settings = {**json.loads(RunConfig().to_json()), **info.get("run_config", {})}
         if "run_config" not in info:
             settings["model"] = info["spec"].get("base_path", settings["model"])
+        settings["device"] = "auto"  # this machine's, not the run's (--device to choose); the run's dtype stays
     settings.update(given)
     settings.update(out=None, resume=False)
     return RunConfig.from_dict(settings).validate(), info

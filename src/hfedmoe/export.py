@@ -115,7 +115,7 @@ def _save_adapter(cfg: RunConfig, inner: torch.nn.Module, out: Path) -> None:
     from peft import get_peft_model, get_peft_model_state_dict  # optional, heavy: LoRA runs only
 
     with torch.device("meta"):
-        skeleton = type(inner)._from_config(inner.config)
+        skeleton = type(inner)(inner.config)
     config = _lora_config(cfg, inner, skeleton)
     expected = set(get_peft_model_state_dict(get_peft_model(skeleton, config)))
     tensors = {}

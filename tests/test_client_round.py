@@ -113,7 +113,7 @@ def test_a_bfloat16_lora_round_trains_float32_adapters_over_the_bfloat16_base(mi
     rows_ = rows(tmp_path / "lora")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows_)
     assert rows_[1]["failures"] == [] and len(rows_[1]["clients"]) == 2
-    with safe_open(str(tmp_path / "lora" / "final" / "model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "lora" / "final" / "adapter_model.safetensors"), "pt") as f:  # PEFT's file
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     adapters = {d for k, d in dtypes.items() if ".lora_" in k}
     others = {d for k, d in dtypes.items() if ".lora_" not in k}

@@ -2,7 +2,8 @@
 unequal compute (HFedMoE, arXiv 2601.00583) and its baselines, on Flower.
 
 Subcommands: ``run`` (one federated run), ``compare`` (methods x seeds, sweeps),
-``calibrate`` (fit the memory model) and ``bench`` (the system's own costs)."""
+``calibrate`` (fit the memory model), ``bench`` (the system's own costs), ``eval`` (test
+metrics of an exported model) and ``export`` (a run's model as a Hugging Face / PEFT directory)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ _HELP = {
                     "allocator's slow growth over long runs (0.05: plan for 95%%)",
     "round_timeout": "seconds the server waits for a round's replies; later clients count as failed",
     "max_empty_rounds": "stop after this many consecutive rounds without any usable update (0: never)",
+    "export_every": "also export the global model every K rounds to <out>/exports/round-K/ (0: final/ only)",
     "dp_epsilon": "local differential privacy on each client's uploaded tensors: epsilon (0 = off)",
     "dp_delta": "local DP delta",
     "dp_clip": "local DP: L2 norm the update of the uploaded tensors is clipped to",
@@ -170,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(compare)
     add_compare_flags(compare)
 
+    evaluate = sub.add_parser(
+        "eval", help="test metrics (the run's own) of an exported model or a checkpoint on a dataset")
+    evaluate.add_argument("--model", required=True,
+                          help="an exported directory (a run's final/ or exports/round-K/) or a base checkpoint")
+    evaluate.add_argument("--split", choices=("test", "all"), default="test",
+                          help="test: the dataset's seeded test split (the run's own when it is the run's "
+                               "dataset; the default); all: every example")
+    for name in ("dataset", "task", "classifier", "text_column", "label_column", "choices_column", "answer_column",
+                 "response_column", "max_length", "test_fraction", "seed", "eval_batch_size", "device", "dtype"):
+        kind = {"max_length": int, "seed": int, "eval_batch_size": int, "test_fraction": float}.get(name, str)
+        evaluate.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                              help=(_HELP.get(name) or name) + " (default: the exported run's)")
+    export = sub.add_parser("export", help="export a run's last checkpoint (Hugging Face / PEFT directory)")
+    export.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
+    export.add_argument("--out", default=None, help="target directory (default RUN_DIR/final, with --merge RUN_DIR/merged)")
+    export.add_argument("--merge", action="store_true",
+                        help="LoRA runs: merge the adapters into the base and write a full checkpoint")
+
     bench = sub.add_parser("bench", help="measure the system's own costs (selection, upload, runtime overhead)")
     bench.add_argument("--quick", action="store_true", help="about a minute: 2 clients, 3 short rounds")
     bench.add_argument("--out", default=None, help="directory for the benchmark's runs (default: a temp dir)")
@@ -184,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "compare":
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every run's `finally` stops its processes
         return compare_command(args, run_config_from)
@@ -223,6 +247,33 @@ def _calibrate(args: argparse.Namespace) -> int:
               f"(predicted {p['predicted_bytes'] / 1e6:.0f} MB)", file=sys.stderr)
     print(f"written to {path}", file=sys.stderr)
     print(json.dumps(result))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hfedmoe.export import EVAL_SETTINGS, evaluate_directory  # torch, transformers: only a command pays
+
+    try:
+        result = evaluate_directory(args.model, {k: getattr(args, k) for k in EVAL_SETTINGS}, split=args.split)
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"hfedmoe: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("accuracy", "loss", "perplexity") if k in result)
+    print(f"{result['model']} on {result['dataset']} ({result['split']}, {result['num_examples']} examples): "
+          f"{shown}", file=sys.stderr)
+    print(json.dumps(result), flush=True)  # the last line: machine-readable
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hfedmoe.export import export_run  # torch, transformers: only a command pays
+
+    try:
+        out = export_run(args.run_dir, args.out, merge=args.merge)
+    except (ConfigError, OSError) as err:
+        print(f"hfedmoe: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(str(out))
     return 0
 
 

@@ -62,6 +62,7 @@ class RunConfig:
     resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
     round_timeout: float = 3600.0  # seconds the server waits for replies; late clients count as failed
     max_empty_rounds: int = 3  # stop after this many rounds in a row with no usable update (0: never)
+    export_every: int = 0  # also export the global model every K rounds to exports/round-K/ (0: final/ only)
     dp_epsilon: float = 0.0  # local differential privacy on uploads (0: off); see hfedmoe.fl.dp
     dp_delta: float = 1e-5
     dp_clip: float = 1.0  # L2 clipping norm of a client's update (also the sensitivity)
@@ -124,6 +125,9 @@ class RunConfig:
         if isinstance(self.max_empty_rounds, bool) or not isinstance(self.max_empty_rounds, int) \
                 or self.max_empty_rounds < 0:
             raise ConfigError(f"--max-empty-rounds must be an integer >= 0, got {self.max_empty_rounds!r}")
+        if isinstance(self.export_every, bool) or not isinstance(self.export_every, int) or self.export_every < 0:
+            raise ConfigError(f"--export-every must be an integer >= 0 (rounds; 0: final/ only), "
+                              f"got {self.export_every!r}")
         if not (isinstance(self.dp_epsilon, (int, float)) and math.isfinite(self.dp_epsilon) and self.dp_epsilon >= 0):
             raise ConfigError(f"--dp-epsilon must be >= 0 (0 switches local DP off), got {self.dp_epsilon!r}")
         if self.dp_epsilon and not (0.0 < self.dp_delta < 1.0 and self.dp_clip > 0):

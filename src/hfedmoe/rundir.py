@@ -1,4 +1,4 @@
-"""The run directory: config.json, metrics.jsonl, summary.json, final/model.safetensors."""
+"""The run directory: config.json, metrics.jsonl, summary.json, checkpoints/, final/ (the exported model)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from hfedmoe.config import ConfigError, RunConfig
 
 # Settings a resumed run may change; anything else must match the checkpointed run.
-RESUMABLE_CHANGES = {"rounds", "resume", "out", "device", "client_gpus", "client_cpus"}
+RESUMABLE_CHANGES = {"rounds", "resume", "out", "device", "client_gpus", "client_cpus", "export_every"}
 
 
 def default_run_dir() -> Path:
@@ -121,8 +122,15 @@ class RunRecorder:
             f.write(json.dumps(row) + "\n")
         return row
 
-    def finish(self, state: dict[str, torch.Tensor], model_info: dict, extra: dict | None = None) -> dict:
-        """Save the final global model and summary.json; returns the summary."""
+    def finish(self, state: dict[str, torch.Tensor], model_info: dict, extra: dict | None = None,
+               write_model: Callable[[dict[str, torch.Tensor], Path], None] | None = None) -> dict:
+        """Save the final global model in ``final/`` and summary.json; returns the summary.
+
+        ``write_model(state, final_dir)`` writes the model (the server passes
+        :func:`hfedmoe.export.export_model`'s: a Hugging Face / PEFT directory); without
+        one, ``final/`` holds the internal state dict and ``model_info`` as
+        ``hfedmoe.json``.
+        """
         try:
             self.wait_for_checkpoint()
         finally:
@@ -131,8 +139,11 @@ class RunRecorder:
                 self._writer = None
         final = self.dir / "final"
         final.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(final / "model.safetensors"))
-        (final / "config.json").write_text(json.dumps(model_info, indent=2) + "\n")
+        if write_model is not None:
+            write_model(state, final)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(final / "model.safetensors"))
+            (final / "hfedmoe.json").write_text(json.dumps(model_info, indent=2) + "\n")
         trained = [r for r in self.rows if r.get("round", 0) > 0]
         accs = [r["accuracy"] for r in self.rows]
         summary = {

@@ -121,5 +121,5 @@ def test_a_mixtral_checkpoint_runs_through_the_flower_engine(tmp_path, tokenizer
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     assert sorted(c["expert_budget"] for c in rows[1]["clients"]) == [4, 8]  # 2 layers x 4 experts
-    spec = json.loads((out / "final" / "config.json").read_text())["spec"]
+    spec = json.loads((out / "final" / "hfedmoe.json").read_text())["spec"]
     assert spec["kind"] == "hf-sequence-classification"

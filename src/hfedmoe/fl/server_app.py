@@ -23,6 +23,7 @@ from hfedmoe.fl.strategy import HFedMoE, RunAborted
 from hfedmoe.budgets import client_budgets
 from hfedmoe.methods import server_merges
 from hfedmoe.moe import make_access
+from hfedmoe.export import export_model
 from hfedmoe.rundir import RunRecorder, default_run_dir
 from hfedmoe.recipe import build_model, label_names, load_test_batches, model_spec
 from hfedmoe.recipe.device import agreed_dtype
@@ -170,6 +171,8 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             started = time.perf_counter()
             recorder.save_checkpoint(server_round, state)
             checkpoint_s.append(time.perf_counter() - started)
+            if cfg.export_every and server_round % cfg.export_every == 0:  # the model is loaded with `state`
+                export_model(cfg, model, recorder.dir / "exports" / f"round-{server_round}", label_names(cfg))
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
     # On the host: messages and checkpoints are built from it (a no-op for a CPU model).
@@ -187,7 +190,12 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     else:  # the checkpoint already holds every requested round
         final_state = initial
     model_info = {"spec": model_spec(cfg), "label_names": label_names(cfg)}
-    summary = recorder.finish(final_state, model_info, {"aborted": aborted} if aborted else None)
+
+    def write_model(state, directory):  # final/: a Hugging Face (or PEFT) directory, see hfedmoe.export
+        access.load_state_dict(state, strict=True)
+        export_model(cfg, model, directory, model_info["label_names"])
+
+    summary = recorder.finish(final_state, model_info, {"aborted": aborted} if aborted else None, write_model)
     reporter.on_end(summary)
     return summary
 

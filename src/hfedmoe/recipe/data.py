@@ -121,11 +121,12 @@ def _partitions(labels: tuple[int, ...], clients: int, alpha: float, seed: int) 
     return partition_dirichlet(list(labels), num_partitions=clients, alpha=alpha, seed=seed)
 
 
-def encode(cfg: RunConfig, data: TextDataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Tensors of ``data`` in the run's task format: (inputs, labels)."""
+def encode(cfg: RunConfig, data: TextDataset, tokenizer_path: str | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Tensors of ``data`` in the run's task format: (inputs, labels); tokenized with the
+    run's model's tokenizer, or the one saved in ``tokenizer_path``."""
     if data.task != cfg.task:
         raise ConfigError(f"--dataset {cfg.dataset} holds {data.task} data but --task is {cfg.task}")
-    tokenizer = tokenizer_for(str(resolve_model_path(cfg)))
+    tokenizer = tokenizer_for(tokenizer_path or str(resolve_model_path(cfg)))
     if cfg.task == "multiple-choice":
         return encode_choices(tokenizer, data.texts, data.choices, max_length=cfg.max_length), \
             torch.tensor(data.labels)
@@ -135,8 +136,9 @@ def encode(cfg: RunConfig, data: TextDataset) -> tuple[dict[str, torch.Tensor], 
     return tokenize_texts(tokenizer, data.texts, max_length=cfg.max_length), torch.tensor(data.labels)
 
 
-def _batches(cfg: RunConfig, data: TextDataset, batch_size: int, shuffle: bool, seed: int = 0) -> TensorBatches:
-    inputs, labels = encode(cfg, data)
+def _batches(cfg: RunConfig, data: TextDataset, batch_size: int, shuffle: bool, seed: int = 0,
+             tokenizer_path: str | None = None) -> TensorBatches:
+    inputs, labels = encode(cfg, data, tokenizer_path)
     extras = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     return TensorBatches(inputs["input_ids"], inputs["attention_mask"], labels, batch_size, shuffle=shuffle,
                          seed=seed, extras=extras)
@@ -156,6 +158,21 @@ def load_test_batches(cfg: RunConfig) -> TensorBatches:
     """The held-out test set, in fixed order."""
     _, test = dataset_split(cfg)
     return _batches(cfg, test, cfg.eval_batch_size, shuffle=False)
+
+
+def load_dataset_examples(cfg: RunConfig, split: str = "test") -> TextDataset:
+    """The run's test split (``"test"``: the same seeded split the run used) or every
+    example of the dataset (``"all"``, duplicates dropped)."""
+    if split == "test":
+        return dataset_split(cfg)[1]
+    if split == "all":
+        return deduplicate(load_examples(DataSpec.of(cfg)))
+    raise ConfigError(f"--split must be test or all, got {split!r}")
+
+
+def dataset_batches(cfg: RunConfig, data: TextDataset, tokenizer_path: str | None = None) -> TensorBatches:
+    """Evaluation batches of ``data`` (fixed order, --eval-batch-size)."""
+    return _batches(cfg, data, cfg.eval_batch_size, shuffle=False, tokenizer_path=tokenizer_path)
 
 
 def endless(batches: TensorBatches):

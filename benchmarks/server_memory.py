@@ -18,13 +18,15 @@ Usage (the figures of the sampling report)::
     PYTHONPATH=src python benchmarks/server_memory.py 10:10 100:10 16:4 16:16
 
 Each ``N:K`` is ``--clients N --clients-per-round K`` on the embedded model with
-``--rounds 2 --local-steps 2 --batch-size 4 --max-length 32``.
+``--rounds 1 --local-steps 2 --batch-size 4 --max-length 32``. The cases run side by
+side, each in its own process (VmHWM is per process, so they do not mix).
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import tempfile
 import time
@@ -58,7 +60,7 @@ def one_case(clients: int, per_round: int, out: str) -> dict:
         return result
 
     HFedMoE.aggregate_train = measured
-    cfg = RunConfig(clients=clients, clients_per_round=per_round, rounds=2, local_steps=2, batch_size=4,
+    cfg = RunConfig(clients=clients, clients_per_round=per_round, rounds=1, local_steps=2, batch_size=4,
                     max_length=32, out=out).validate()
     started = time.perf_counter()
     run_inprocess(cfg)
@@ -66,20 +68,23 @@ def one_case(clients: int, per_round: int, out: str) -> dict:
             "vmhwm": _status("VmHWM"), "rounds": rounds}
 
 
+def _run_case(case: str) -> dict:
+    clients, per_round = (int(x) for x in case.split(":"))
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([sys.executable, __file__, "--one", str(clients), str(per_round), out + "/run"],
+                              capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(cases: list[str]) -> None:
-    results = []
-    for case in cases:
-        clients, per_round = (int(x) for x in case.split(":"))
-        with tempfile.TemporaryDirectory() as out:
-            proc = subprocess.run([sys.executable, __file__, "--one", str(clients), str(per_round), out + "/run"],
-                                  capture_output=True, text=True, check=True)
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(result)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(_run_case, cases))
+    for result in results:
         last = result["rounds"][-1]
-        print(f"{clients:4d} clients, {per_round:3d} per round: VmHWM {result['vmhwm'] / 2**20:7.1f} MiB, "
-              f"replies held {last['replies']} x = {last['reply_bytes'] / 2**20:6.1f} MiB, RSS at aggregate "
-              f"{last['rss_at_aggregate'] / 2**20:7.1f} MiB, after {last['rss_after_aggregate'] / 2**20:7.1f} MiB, "
-              f"{result['wall_s']} s", flush=True)
+        print(f"{result['clients']:4d} clients, {result['clients_per_round']:3d} per round: VmHWM "
+              f"{result['vmhwm'] / 2**20:7.1f} MiB, replies held {last['replies']} = "
+              f"{last['reply_bytes'] / 2**20:6.1f} MiB, RSS at aggregate {last['rss_at_aggregate'] / 2**20:7.1f} MiB, "
+              f"after {last['rss_after_aggregate'] / 2**20:7.1f} MiB, {result['wall_s']} s", flush=True)
     print(json.dumps(results))
 
 

@@ -102,7 +102,6 @@ def test_every_method_samples_the_same_clients_and_budgets_follow_partition_ids(
                 assert c["expert_budget"] == budgets[c["id"]]
         seen[method] = [row["participants"] for row in got]
     assert seen["hfedmoe"] == seen["random"]
-    assert len({tuple(p) for p in seen["hfedmoe"][1:]}) >= 1
 
 
 def test_a_sampled_client_that_crashes_is_a_failure_and_the_others_are_not(mixtral, tmp_path, monkeypatch):

@@ -29,6 +29,10 @@ from hfedmoe.methods import METHODS
 _HELP = {
     "rounds": "federated rounds",
     "clients": "number of clients (virtual SuperNodes)",
+    "clients_per_round": "clients sampled per round (seeded by seed and round, the same for every method); "
+                         "0: every client, every round",
+    "fraction_train": "Flower's fraction-train: the share of clients sampled per round, K = max(1, round(f x "
+                      "clients)); 0: unset; give it or --clients-per-round, not both",
     "local_steps": "local mini-batches per client and round",
     "batch_size": "mini-batch size",
     "lr": "learning rate of pretrained weights (router and head use lr x new-param-lr-mult)",

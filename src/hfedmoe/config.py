@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from dataclasses import asdict, dataclass, field, fields
 
@@ -45,6 +46,8 @@ class RunConfig:
 
     rounds: int = 3
     clients: int = 4
+    clients_per_round: int = 0  # K clients sampled per round (seeded); 0: every client, every round
+    fraction_train: float = 0.0  # Flower's fraction-train: K = max(1, round(f x clients)); 0: unset
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 1e-4
@@ -109,6 +112,7 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        self._validate_sampling()
         for name in ("lr", "alpha"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -205,6 +209,41 @@ class RunConfig:
             if any(not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0) for t in self.time_budgets):
                 raise ConfigError(f"--time-budgets must be positive seconds, got {self.time_budgets}")
         return self
+
+    def _validate_sampling(self) -> None:
+        k, f = self.clients_per_round, self.fraction_train
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.clients:
+            raise ConfigError(f"--clients-per-round must be an integer in [0, --clients {self.clients}] (0: every "
+                              f"client takes part in every round), got {k!r}: lower it or raise --clients")
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0.0 <= f <= 1.0):
+            raise ConfigError(f"--fraction-train (Flower's fraction-train) must lie in [0, 1] (0: unset, 1: every "
+                              f"client), got {f!r}")
+        if k and 0.0 < f < 1.0:
+            raise ConfigError(f"--clients-per-round {k} and --fraction-train {f} both set the clients of a round: "
+                              "give only one of them (fraction-train 1.0 or 0 leaves clients-per-round in charge)")
+
+    def participants_per_round(self) -> int:
+        """K, the clients that take part in one round: ``clients_per_round`` when set,
+        else ``max(1, round(fraction_train x clients))`` when fraction_train is set
+        (1.0 gives every client), else every client."""
+        if self.clients_per_round:
+            return self.clients_per_round
+        if self.fraction_train:
+            return min(self.clients, max(1, round(self.fraction_train * self.clients)))
+        return self.clients
+
+    def round_participants(self, server_round: int) -> list[int]:
+        """The partition ids sampled for ``server_round`` (the run's absolute round), sorted.
+
+        Seeded by (seed, round, clients, K) only: every method of a compare seed, and a
+        resumed run, sample the same clients as an uninterrupted run. K = clients: all.
+        """
+        k = self.participants_per_round()
+        if k >= self.clients:
+            return list(range(self.clients))
+        # A str seed is hashed with SHA-512 (random.seed version 2): stable across processes.
+        rng = random.Random(f"hfedmoe-participants:{self.seed}:{server_round}:{self.clients}:{k}")
+        return sorted(rng.sample(range(self.clients), k))
 
     def _validate_lora(self) -> None:
         rank = self.lora_rank

@@ -26,7 +26,10 @@ class RichReporter:
 
     def on_start(self, info: dict) -> None:
         self.console.print(
-            f"[bold]hfedmoe[/bold] {self.cfg.method}: {info['clients']} clients, {info['rounds']} rounds, "
+            f"[bold]hfedmoe[/bold] {self.cfg.method}: {info['clients']} clients"
+            + (f" ({info['clients_per_round']} per round)" if info.get("clients_per_round", info["clients"])
+               < info["clients"] else "")
+            + f", {info['rounds']} rounds, "
             f"{info['moe_layers']} MoE layers x {info['experts_per_layer']} experts, "
             f"expert budgets {info['budgets']}"
             + (f", memory budgets {[f'{m / 1e6:.0f} MB' for m in info['mem_budgets']]}"

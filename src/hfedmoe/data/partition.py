@@ -188,7 +188,8 @@ def partition_dirichlet(
         Seed of the Dirichlet draws and of the within-partition shuffle.
     min_partition_size : int or None, default None
         Resample until every client has at least this many samples. ``None``
-        means ``min(10, max(1, len(labels) // num_partitions // 2))``; values
+        means ``min(10, max(1, len(labels) // num_partitions // 2))``, halved
+        (down to 1) while no draw satisfies it; values
         above ``len(labels) // num_partitions`` are rejected as impossible.
     self_balancing : bool, default False
         Stop giving samples to a client once it holds more than the average
@@ -211,7 +212,24 @@ def partition_dirichlet(
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0 (Dirichlet concentration), got {alpha!r}.")
     min_size = _resolve_min_partition_size(n, num_partitions, min_partition_size)
+    # The default minimum halves until a draw satisfies it (down to 1): many clients over a
+    # small dataset (100 BBC clients hold ~17 samples each) rarely give every client 8 at
+    # alpha 0.5. A split that satisfies the first minimum is the same as before.
+    sizes = [min_size]
+    while min_partition_size is None and sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2)
+    for size in sizes[:-1]:
+        try:
+            return _dirichlet_draw(labels, num_partitions, alpha, seed, size, self_balancing)
+        except ValueError:
+            continue
+    return _dirichlet_draw(labels, num_partitions, alpha, seed, sizes[-1], self_balancing)
 
+
+def _dirichlet_draw(labels: Sequence[int], num_partitions: int, alpha: float, seed: int, min_size: int,
+                    self_balancing: bool) -> list[list[int]]:
+    """One DirichletPartitioner split (up to its 10 draws) with minimum ``min_size``."""
+    n = len(labels)
     # Imported here: `datasets` and flwr-datasets take ~1 s to import and only
     # this function needs them.
     # heavy (pyarrow, seconds): only the Dirichlet split pays for them

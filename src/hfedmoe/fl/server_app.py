@@ -126,9 +126,11 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         cfg.to_json(), cfg.tau, cfg.gate_normalize,
         node_config={node: budgets[pid].message_config() for node, (pid, _) in by_partition},
         expert_merge=expert_merge, router_weights=router_weights, max_empty_rounds=cfg.max_empty_rounds,
+        node_partitions={node: pid for node, (pid, _) in by_partition}, participants=cfg.round_participants,
     )
     reporter.on_start({
-        "run_dir": str(recorder.dir), "clients": cfg.clients, "rounds": cfg.rounds,
+        "run_dir": str(recorder.dir), "clients": cfg.clients, "clients_per_round": cfg.participants_per_round(),
+        "rounds": cfg.rounds,
         "budgets": [b.expert_budget for b in budgets], "mem_budgets": [b.mem_budget_bytes for b in budgets],
         "moe_layers": access.num_layers, "experts_per_layer": access.num_experts,
     })
@@ -162,6 +164,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             "bytes_down": info.get("bytes_down", 0),
             "model_bytes": info.get("model_bytes", 0),
             "gate_alpha": info.get("alpha", []),
+            "participants": info.get("participants", []),  # partition ids sampled for the round
             "failures": info.get("failures", []),
             "clients": info.get("clients", []),
             "timing": {k: round(v, 4) for k, v in timing.items()},

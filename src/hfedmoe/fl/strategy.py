@@ -12,7 +12,7 @@ all through :mod:`hfedmoe.core`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 
 import torch
@@ -71,6 +71,12 @@ class HFedMoE(Strategy):
         (:func:`hfedmoe.methods.server_merges`).
     router_weights : RouterWeights
         Each client's weight alpha_c in the router merge (default Eq. 18-20).
+    node_partitions : dict[int, int], optional
+        Partition id of every node (node id -> partition id); needed with ``participants``.
+    participants : callable, optional
+        Absolute round -> the partition ids that take part in it
+        (:meth:`hfedmoe.config.RunConfig.round_participants`); None: every node, every round.
+        Only sampled nodes get a message; an unsampled node is not a failure.
     """
 
     def __init__(
@@ -84,9 +90,16 @@ class HFedMoE(Strategy):
         max_empty_rounds: int = 0,
         expert_merge: ExpertMerge = merge_over_uploaders,
         router_weights: RouterWeights = preference_weights,
+        node_partitions: dict[int, int] | None = None,
+        participants: Callable[[int], Sequence[int]] | None = None,
     ) -> None:
         if not node_budgets:
             raise ValueError("HFedMoE needs at least one client node")
+        if participants is not None and set(node_partitions or {}) != set(node_budgets):
+            raise ValueError("sampling participants needs the partition id of every node (node_partitions)")
+        self.node_partitions = dict(node_partitions or {})
+        self.participants = participants
+        self._sampled: list[int] = list(node_budgets)  # the nodes sent a message this round
         self.expert_merge, self.router_weights = expert_merge, router_weights
         self.groups = groups
         self.node_budgets = dict(node_budgets)
@@ -112,12 +125,14 @@ class HFedMoE(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per node, each carrying the node's own expert budget."""
+        """One message per sampled node, each carrying the node's own expert budget."""
         server_round += self.round_offset
         self._round_started = time.perf_counter()
         self.set_global_state(self.state_of(arrays))
+        self._sampled = self.sampled_nodes(server_round)
         messages = []
-        for node_id, budget in self.node_budgets.items():
+        for node_id in self._sampled:
+            budget = self.node_budgets[node_id]
             node_config = ConfigRecord(dict(config))
             node_config["server-round"] = server_round
             node_config["expert-budget"] = budget
@@ -131,8 +146,18 @@ class HFedMoE(Strategy):
             "bytes_down": record_nbytes(arrays) * len(messages),
             "model_bytes": raw_nbytes(self._current),  # what one FedAvg-full upload would cost
         }
-        log(INFO, "configure_train: %d clients, budgets %s", len(messages), list(self.node_budgets.values()))
+        if self.participants is not None:
+            self.round_info[server_round]["participants"] = sorted(self.node_partitions[n] for n in self._sampled)
+        log(INFO, "configure_train: %d clients, budgets %s", len(messages),
+            [self.node_budgets[n] for n in self._sampled])
         return messages
+
+    def sampled_nodes(self, server_round: int) -> list[int]:
+        """The node ids that take part in (absolute) ``server_round``, in node_budgets' order."""
+        if self.participants is None:
+            return list(self.node_budgets)
+        chosen = set(self.participants(server_round))
+        return [n for n in self.node_budgets if self.node_partitions[n] in chosen]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -146,7 +171,7 @@ class HFedMoE(Strategy):
         failures: list[dict] = []
         replies = list(replies)
         answered = {msg.metadata.src_node_id for msg in replies}
-        for node in self.node_budgets:
+        for node in self._sampled:  # an unsampled node was sent nothing: not a failure
             if node not in answered:  # crashed, or slower than the round timeout
                 failures.append({"node_id": node, "reason": "no reply within the round timeout"})
                 log(WARNING, "round %d: node %d sent no reply in time", server_round, node)

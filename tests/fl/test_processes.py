@@ -187,3 +187,29 @@ def test_a_process_orphaned_before_the_stop_is_stopped_through_the_snapshot():
         assert _wait_dead(orphan[0])
     finally:
         _kill(procs, orphan)
+
+
+def test_a_process_outside_the_tree_that_carries_the_run_token_is_stopped(tmp_path):
+    """A Ray worker forked while Ray is being stopped ends up re-parented to init: in no
+    process tree, but it inherited the run's token, so the final pass finds it."""
+    import os
+    import subprocess
+    import sys
+
+    from hfedmoe.fl.processes import clear_run_token, is_alive, marked, new_run_token, stop_descendants
+
+    token = new_run_token()
+    try:
+        # A grandchild whose parent exits at once: re-parented, not our descendant any more.
+        pid_file = tmp_path / "pid"
+        subprocess.run([sys.executable, "-c",
+                        "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+                        "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid))",
+                        str(pid_file)], check=True)
+        orphan = int(pid_file.read_text())
+        assert is_alive(orphan) and orphan in marked(token)
+        stopped = stop_descendants(grace_s=2.0)
+        assert orphan in stopped and not is_alive(orphan)
+    finally:
+        clear_run_token()
+        assert "HFEDMOE_RUN_TOKEN" not in os.environ

@@ -1,8 +1,12 @@
-"""Leave no process behind: find and stop every descendant of this process by PID.
+"""Leave no process behind: find and stop every process a run started, by PID.
 
 Flower's simulation engine starts Ray (a GCS server, a raylet, worker processes).
 ``ray.shutdown()`` normally ends them; if a run is interrupted or fails, this
 module stops whatever is left, by PID, from /proc (Linux) so no tool is needed.
+Two ways to find them: the process tree (:func:`descendants`), and a token in the
+environment every process of the run inherits (:func:`run_token`, :func:`marked`),
+which also finds a worker the raylet forked while it was being stopped: re-parented
+to init, such a process is in no tree (seen on a loaded machine, 1 in ~3 runs).
 """
 
 from __future__ import annotations
@@ -10,7 +14,38 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
+
+RUN_TOKEN = "HFEDMOE_RUN_TOKEN"  # environment variable every process of a run inherits
+
+
+def new_run_token() -> str:
+    """A fresh token for one run, put in this process's environment (so every process
+    started from now on inherits it); it replaces any inherited one, so a run never
+    mistakes another run's processes for its own. Drop it with :func:`clear_run_token`."""
+    token = uuid.uuid4().hex
+    os.environ[RUN_TOKEN] = token
+    return token
+
+
+def clear_run_token() -> None:
+    os.environ.pop(RUN_TOKEN, None)
+
+
+def marked(token: str) -> list[int]:
+    """Live processes other than this one whose environment carries ``RUN_TOKEN=token``."""
+    needle = f"{RUN_TOKEN}={token}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0") and is_alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 def descendants(pid: int | None = None) -> list[int]:
@@ -38,9 +73,13 @@ def stop_descendants(grace_s: float = 5.0, also: list[int] | tuple[int, ...] = (
 
     ``also``: PIDs seen in the tree earlier (see :func:`descendants`). A Ray worker
     whose raylet exits first is re-parented to init and is no longer our descendant;
-    a snapshot taken while the tree was intact still names it.
+    a snapshot taken while the tree was intact still names it. Processes carrying this
+    process's run token (:func:`run_token`) are stopped too, wherever they hang.
     """
     pids = list(dict.fromkeys([*descendants(), *(p for p in also if is_alive(p))]))
+    token = os.environ.get(RUN_TOKEN)
+    if token:
+        pids = list(dict.fromkeys([*pids, *marked(token)]))
     for pid in pids:
         send_signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.fl.processes import descendants, stop_descendants
+from hfedmoe.fl.processes import clear_run_token, descendants, marked, new_run_token, stop_descendants
 from hfedmoe.recipe.device import run_device
 
 
@@ -90,6 +91,7 @@ def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict
             "log_to_driver": True,
         },
     }
+    token = new_run_token()  # every process Ray starts for this run inherits it: all found at the end
     try:
         flwr_run_simulation(
             server_app=make_server_app(cfg, capture),
@@ -109,6 +111,13 @@ def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict
                 ray.shutdown()
         finally:
             stop_descendants(also=tree)
+            # A worker forked while Ray was being stopped can appear after the pass above.
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                if marked(token):
+                    stop_descendants(grace_s=2.0)
+            clear_run_token()
     if capture.summary is None:
         raise RuntimeError("the federated run ended without a summary; see the log above for the failing step")
     return capture.summary

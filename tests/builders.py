@@ -156,6 +156,15 @@ def write_data(path: Path, per_class: int = 8) -> Path:
     return path
 
 
+def mixtral_config(mixtral: tuple[Path, Path], out, **changes) -> RunConfig:
+    """A 2-client, 1-round run of the tiny Mixtral checkpoint and data file of the
+    ``mixtral`` fixture (tests/conftest.py), with ``changes`` on top."""
+    model, data = mixtral
+    settings = dict(model=str(model), dataset=str(data), text_column="body", label_column="topic", clients=2,
+                    rounds=1, local_steps=2, batch_size=4, max_length=16, alpha=5.0, test_fraction=0.25, out=str(out))
+    return RunConfig(**{**settings, **changes}).validate()
+
+
 def one_round_replies(cfg: RunConfig):
     """One HFedMoE round in-process: (server access, old state, each client's reply, new state)."""
     server, _, state, replies, new = one_round_parties(cfg)

@@ -21,3 +21,12 @@ pytest.register_assert_rewrite("builders")
 def tokenizer():
     """The embedded MiniLM tokenizer, loaded once per module (offline)."""
     return load_tokenizer(embedded_tokenizer_path())
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory, tokenizer):
+    """(checkpoint dir, data csv): a tiny Mixtral saved with save_pretrained and a 3-topic file."""
+    from builders import save_family, write_data
+
+    root = tmp_path_factory.mktemp("mixtral")
+    return save_family("mixtral", root / "model", tokenizer), write_data(root / "data.csv")

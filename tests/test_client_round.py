@@ -17,20 +17,7 @@ from hfedmoe.moe import make_access
 from hfedmoe.moe import fused_deferred
 from hfedmoe.recipe import build_model, load_client_data
 
-from builders import save_family, write_data
-
-
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("mixtral")
-    return save_family("mixtral", root / "model", tokenizer), write_data(root / "data.csv")
-
-
-def mixtral_config(mixtral, out, **changes) -> RunConfig:
-    model, data = mixtral
-    settings = dict(model=str(model), dataset=str(data), text_column="body", label_column="topic", clients=2,
-                    rounds=1, local_steps=2, batch_size=4, max_length=16, alpha=5.0, test_fraction=0.25, out=str(out))
-    return RunConfig(**{**settings, **changes}).validate()
+from builders import mixtral_config
 
 
 def rows(out) -> list[dict]:

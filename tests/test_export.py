@@ -19,20 +19,11 @@ from hfedmoe.fl.inprocess import run_inprocess
 from hfedmoe.moe import make_access
 from hfedmoe.recipe import build_model, load_test_batches
 
-from builders import save_family, write_data
-
-
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("mixtral")
-    return save_family("mixtral", root / "model", tokenizer), write_data(root / "data.csv")
+from builders import mixtral_config, write_data
 
 
 def config(mixtral, out, **changes) -> RunConfig:
-    model, data = mixtral
-    settings = dict(model=str(model), dataset=str(data), text_column="body", label_column="topic", clients=2,
-                    rounds=1, local_steps=2, batch_size=4, max_length=16, alpha=5.0, test_fraction=0.25, out=str(out))
-    return RunConfig(**{**settings, **changes}).validate()
+    return mixtral_config(mixtral, out, **changes)
 
 
 @pytest.fixture(scope="module")

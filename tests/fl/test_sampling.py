@@ -15,21 +15,13 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.inprocess import run_inprocess
 from hfedmoe.fl.strategy import HFedMoE
 
-from builders import save_family, write_data
-
-
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("mixtral")
-    return save_family("mixtral", root / "model", tokenizer), write_data(root / "data.csv")
+from builders import mixtral_config
 
 
 def tiny(mixtral, out, **changes) -> RunConfig:
-    model, data = mixtral
-    settings = dict(model=str(model), dataset=str(data), text_column="body", label_column="topic", clients=4,
-                    clients_per_round=2, rounds=3, local_steps=1, batch_size=4, max_length=16, alpha=5.0,
-                    test_fraction=0.25, out=str(out))
-    return RunConfig(**{**settings, **changes}).validate()
+    """4 clients, 2 sampled per round, 3 rounds of one step."""
+    return mixtral_config(mixtral, out, **{"clients": 4, "clients_per_round": 2, "rounds": 3, "local_steps": 1,
+                                           **changes})
 
 
 def rows(out) -> list[dict]:

@@ -121,6 +121,18 @@ def tiny_config(family: Family) -> transformers.PretrainedConfig:
     return transformers.AutoConfig.for_model(family.model_type, **COMMON, **family.config)
 
 
+def sharp_causal_lm(name: str) -> torch.nn.Module:
+    """The tiny random causal LM of family ``name`` with its expert weights redrawn from
+    N(0, 0.3): random init leaves them tiny, and then the experts hardly matter."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(FAMILIES[name]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "experts" in n:
+                p.normal_(0.0, 0.3)
+    return model
+
+
 def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 100, (B, T), generator=g)

@@ -30,3 +30,14 @@ def mixtral(tmp_path_factory, tokenizer):
 
     root = tmp_path_factory.mktemp("mixtral")
     return save_family("mixtral", root / "model", tokenizer), write_data(root / "data.csv")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest, and on a busy 2-core machine by far."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

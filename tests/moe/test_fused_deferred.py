@@ -13,19 +13,13 @@ from hfedmoe.moe import fused_deferred
 from hfedmoe.moe import make_access
 from hfedmoe.moe.state_keys import split_expert_key
 
-from builders import FAMILIES, inputs, tiny_config
+from builders import FAMILIES, inputs, sharp_causal_lm
 
 families = pytest.mark.parametrize("name", list(FAMILIES))
 
 
 def tiny_model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(FAMILIES[name]))
-    with torch.no_grad():  # random init leaves tiny expert weights; make the experts matter
-        for n, p in model.named_parameters():
-            if "experts" in n:
-                p.normal_(0.0, 0.3)
-    return model.train()
+    return sharp_causal_lm(name).train()
 
 
 def loss_of(model: nn.Module) -> torch.Tensor:

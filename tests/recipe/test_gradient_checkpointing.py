@@ -27,28 +27,29 @@ from hfedmoe.recipe import build_model
 from hfedmoe.recipe.models import enable_gradient_checkpointing
 from hfedmoe.training import LocalTrainConfig, train_local
 
-from builders import FAMILIES, L, LABELS, S, VOCAB, inputs, one_round, save_family, tiny_config, tiny_moe, write_data
+from builders import (
+    FAMILIES,
+    LABELS,
+    VOCAB,
+    L,
+    S,
+    inputs,
+    one_round,
+    save_family,
+    sharp_causal_lm,
+    tiny_config,
+    tiny_moe,
+    write_data,
+)
 
 FUSED = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_causal_lm(name: str) -> HFCausalLM:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(FAMILIES[name]))
-    with torch.no_grad():  # random init leaves tiny expert weights; make the experts matter
-        for n, p in model.named_parameters():
-            if "experts" in n:
-                p.normal_(0.0, 0.3)
-    return HFCausalLM(model)
+    return HFCausalLM(sharp_causal_lm(name))
 
 
 def lm_batches(steps: int):

@@ -28,13 +28,7 @@ from builders import FAMILIES, inputs, one_round_parties, save_family, write_dat
 QUANT_STATE = ("absmax", "quant_map", "quant_state", "nested_")  # what bitsandbytes adds to a state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from hfedmoe.moe import fused_deferred

@@ -247,6 +247,31 @@ def parse_mem_budgets(text: str | None, nodes: int) -> list[str | None]:
     return budgets
 
 
+def parse_node_data(text: str | None, nodes: int) -> list[str | None]:
+    """--node-data: one data file per SuperNode (absolute paths; each node reads only its own)."""
+    if not text:
+        return [None] * nodes
+    files = [f.strip() for f in text.split(",")]
+    if len(files) != nodes or not all(files):
+        raise ValueError(f"--node-data needs {nodes} comma-separated files (one per SuperNode), got {text!r}")
+    missing = [f for f in files if not Path(f).expanduser().is_file()]
+    if missing:
+        raise ValueError(f"--node-data: no such file {missing[0]}")
+    if any('"' in f for f in files):
+        raise ValueError("--node-data: a file name must not contain a double quote")
+    return [str(Path(f).expanduser().resolve()) for f in files]
+
+
+def parse_node_columns(text: str) -> str:
+    """--node-columns 'text-column=body label-column=topic': the column names of every node's file."""
+    allowed = {"text-column", "label-column", "choices-column", "answer-column", "response-column"}
+    pairs = re.findall(r"(\S+?)=(\S+)", text or "")
+    bad = [k for k, _ in pairs if k not in allowed]
+    if bad or len(pairs) != len((text or "").split()):
+        raise ValueError(f"--node-columns takes {' '.join(sorted(allowed))} as key=value pairs, got {text!r}")
+    return " ".join(f'{k}="{v}"' for k, v in pairs)
+
+
 # --- the deployment --------------------------------------------------------------------
 
 class Deployment:
@@ -378,11 +403,15 @@ class Deployment:
     def start_supernodes(self) -> None:
         """Start all SuperNodes at once, then wait for each (retrying one whose port was taken)."""
         budgets = parse_mem_budgets(self.args.mem_budgets, self.args.nodes)
+        files = parse_node_data(self.args.node_data, self.args.nodes)
+        columns = parse_node_columns(self.args.node_columns)
         configs = []
         for i in range(self.args.nodes):
             node_config = f"partition-id={i} num-partitions={self.args.nodes}"
             if budgets[i]:
                 node_config += f' mem-budget="{budgets[i]}"'
+            if files[i]:  # the node's own data: only this SuperNode's ClientApp reads it
+                node_config += f' data-path="{files[i]}"' + (f" {columns}" if columns else "")
             configs.append(node_config)
             self.supernodes.append((self.procs.start(f"supernode-{i}", self.supernode_command(i, node_config)),
                                     self.logs / f"supernode-{i}.log"))
@@ -502,6 +531,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "registered with `flwr supernode register` (needs TLS)")
     p.add_argument("--mem-budgets", default=None,
                    help="memory budget per SuperNode, comma-separated, e.g. 1GB,800MB (node config mem-budget)")
+    p.add_argument("--node-data", default=None,
+                   help="each SuperNode's own data file, comma-separated (node config data-path); without it "
+                        "node i trains on partition i of the run's dataset")
+    p.add_argument("--node-columns", default="",
+                   help="column names of the --node-data files, e.g. 'text-column=body label-column=topic'")
     p.add_argument("--out", default=None, help="run directory (default: runs/deploy-<timestamp>)")
     p.add_argument("--certs", default=None,
                    help="certificate directory (created with scripts/gen_certs.sh if missing; default: in --workdir)")
@@ -522,6 +556,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--run-config must not set {', '.join(sorted(bad))}: use --out / --rounds")
     try:
         parse_mem_budgets(args.mem_budgets, args.nodes)
+        parse_node_data(args.node_data, args.nodes)
+        parse_node_columns(args.node_columns)
     except ValueError as err:
         p.error(str(err))
     args.out = Path(args.out or ROOT / "runs" / time.strftime("deploy-%Y%m%d-%H%M%S")).resolve()

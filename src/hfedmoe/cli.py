@@ -69,6 +69,16 @@ _HELP = {
             "(instruction SFT, loss on response tokens; reports perplexity)",
     "classifier": "classification on a MoE checkpoint: head (new linear head), label-words (the LM's logits "
                   "of each label's first token), auto (head when transformers has one for the family)",
+    "client_data": "each client's own data: one .csv/.jsonl/.parquet file per client, comma-separated (client i "
+                   "reads the i-th), or a directory of such files (name order); --clients defaults to their number; "
+                   "each client holds out --test-fraction of its file for --evaluation federated",
+    "labels": "classification: the federation's class names, comma-separated (default: the union of the labels "
+              "the clients' data holds, agreed before round 1 without moving data)",
+    "test_data": "a test file the server holds and scores the global model on each round (default: the test "
+                 "split of --dataset; none with --client-data)",
+    "evaluation": "where the global model is scored each round: server (a test set the server holds), federated "
+                  "(each client on its held-out part, example-weighted), both, or auto (server when it holds a "
+                  "test set, else federated)",
     "text_column": "text column of --dataset FILE (the question for multiple-choice, the prompt for causal-lm)",
     "label_column": "label column of --dataset FILE (labels are discovered from the data; for causal-lm an "
                     "optional category that drives the non-IID split)",
@@ -133,9 +143,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
             continue
         default = getattr(defaults, f.name)
         kind = {bool: _bool, int: int, float: float}.get(type(default), str)
-        kind = {"expert_budgets": parse_int_list, "mem_budgets": parse_str_list,
-                "time_budgets": parse_float_list}.get(f.name, kind)
+        kind = {"expert_budgets": parse_int_list, "mem_budgets": parse_str_list, "time_budgets": parse_float_list,
+                "client_data": parse_str_list, "labels": parse_str_list}.get(f.name, kind)
         flag = f"--{f.name.replace('_', '-')}"
+        if f.name == "clients":  # None: one per --client-data file, else the default (run_config_from)
+            parser.add_argument(flag, type=int, default=None,
+                                help=f"{help_text(f.name)}; default {default}, or one per --client-data file")
+            continue
         if default is False:  # an opt-in switch: `--resume`, not `--resume true`
             parser.add_argument(flag, action="store_true", help=help_text(f.name))
         else:
@@ -144,7 +158,12 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_config_from(args: argparse.Namespace) -> RunConfig:
     """The validated RunConfig of parsed run flags (raises ConfigError)."""
-    return RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "extra"}).validate()
+    values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "extra"}
+    if values["clients"] is None:
+        values["clients"] = RunConfig().clients
+        if values["client_data"]:
+            values["clients"] = len(RunConfig(client_data=values["client_data"]).client_data_files())
+    return RunConfig(**values).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
     from hfedmoe.budgets import client_budgets
     from hfedmoe.moe import make_access  # same reason
     from hfedmoe.progress import RichReporter  # same reason
-    from hfedmoe.recipe import build_model, moe_shape  # same reason
+    from hfedmoe.recipe import build_model, moe_shape, resolve_data_settings  # same reason
     from hfedmoe.recipe.device import agreed_dtype  # same reason
     from hfedmoe.rundir import RunRecorder, default_run_dir  # same reason
 
@@ -315,6 +334,7 @@ def _run(args: argparse.Namespace) -> int:
         if cfg.resume and not cfg.out:
             raise ConfigError("--resume needs --out: the directory of the run to continue")
         cfg.dtype = agreed_dtype(cfg)  # as the server will: a resumed run compares the resolved dtype
+        resolve_data_settings(cfg)  # labels and evaluation mode, as the server will
         cfg.out = str(cfg.out or default_run_dir())
         if cfg.resume:
             RunRecorder(cfg.out, cfg)  # checks the checkpoint and the settings before anything starts

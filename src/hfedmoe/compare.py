@@ -208,12 +208,13 @@ def _settings_differ(run_dir: Path, cfg: RunConfig) -> list[str]:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return ["config.json (missing or unreadable)"]
-    from hfedmoe.recipe.device import agreed_dtype  # torch: `hfedmoe compare --help` stays instant
+    from hfedmoe.recipe import resolve_data_settings  # torch: `hfedmoe compare --help` stays instant
+    from hfedmoe.recipe.device import agreed_dtype  # same reason
 
     # The server records the dtype it resolved ("auto" -> float32 here); a setting added
     # after the run was made was at its default then.
-    saved = {**json.loads(RunConfig().to_json()), **saved}
-    wanted = json.loads(replace(cfg, dtype=agreed_dtype(cfg)).to_json())
+    saved = RunConfig.saved_settings(saved)
+    wanted = json.loads(resolve_data_settings(replace(cfg, dtype=agreed_dtype(cfg))).to_json())
     return sorted(k for k in set(saved) | set(wanted) if k != "resume" and saved.get(k) != wanted.get(k))
 
 

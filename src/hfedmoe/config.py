@@ -12,6 +12,7 @@ import math
 import random
 import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from hfedmoe.methods.registry import (
     DEFAULT_MERGE,
@@ -34,6 +35,14 @@ EMBEDDED_MODEL = "embedded-minilm-moe"
 # first use (hfedmoe.budgets.calibration)
 ANALYTIC_CALIBRATION = "analytic"
 EMBEDDED_DATASET = "bbc-news"
+# --evaluation: where the global model is scored each round. server: on a test set the server
+# holds (the split of --dataset, or --test-data); federated: each client on its own held-out
+# part, aggregated by the server; both; auto: server when the server holds a test set, else federated
+EVALUATIONS = ("auto", "server", "federated", "both")
+# What a setting added later meant in runs recorded before it existed, where that is not
+# its default (a resumed or compared older run reads its config.json with these).
+LEGACY_VALUES = {"evaluation": "server"}
+DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")  # hfedmoe.data.files.FORMATS
 
 
 class ConfigError(ValueError):
@@ -73,6 +82,10 @@ class RunConfig:
     out: str | None = None
     model: str = EMBEDDED_MODEL
     dataset: str = EMBEDDED_DATASET
+    client_data: list[str] | None = None  # one data file per client (or one directory of them) instead of --dataset
+    labels: list[str] | None = None  # the class names of the federation (classification); None: found in the data
+    test_data: str | None = None  # a test file the server holds (instead of --dataset's test split)
+    evaluation: str = "auto"  # auto | server | federated | both (EVALUATIONS above)
     task: str = "classification"  # classification | multiple-choice | causal-lm
     classifier: str = "auto"  # classification on a checkpoint: "head" (new linear head), "label-words", auto
     text_column: str = "text"  # for --dataset FILE: the text, question (multiple-choice) or prompt (causal-lm)
@@ -152,9 +165,6 @@ class RunConfig:
             raise ConfigError(f"--task {self.task} scores text with a language-model head; the embedded MiniLM "
                               "is an encoder without one: pass a MoE causal LM with --model (e.g. a Mixtral, "
                               "Qwen-MoE, OLMoE or DeepSeek checkpoint)")
-        if self.task != "classification" and self.dataset == EMBEDDED_DATASET:
-            raise ConfigError(f"--task {self.task} needs a dataset in that format: pass --dataset FILE "
-                              "(csv/jsonl/parquet) or a hub id such as piqa, hellaswag or cais/mmlu")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.select_by not in SELECT_BY:
@@ -169,6 +179,7 @@ class RunConfig:
                 (self.expert_agg, self.gate_agg) != (defaults.expert_agg, defaults.gate_agg):
             raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "
                               "aggregation (docs/baselines.md): leave them at hfedmoe")
+        self._validate_data()
         self._validate_lora()
         self._validate_hardware()
         if self.expert_budgets is not None:
@@ -244,6 +255,49 @@ class RunConfig:
         # A str seed is hashed with SHA-512 (random.seed version 2): stable across processes.
         rng = random.Random(f"hfedmoe-participants:{self.seed}:{server_round}:{self.clients}:{k}")
         return sorted(rng.sample(range(self.clients), k))
+
+    def _validate_data(self) -> None:
+        if self.evaluation not in EVALUATIONS:
+            raise ConfigError(f"--evaluation must be one of {', '.join(EVALUATIONS)}, got {self.evaluation!r}")
+        if self.labels is not None:
+            if self.task != "classification":
+                raise ConfigError(f"--labels names the classes of a classification task; --task {self.task} has "
+                                  "none: drop --labels")
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) \
+                    or any(not isinstance(x, str) or not x.strip() for x in self.labels):
+                raise ConfigError(f"--labels takes two or more distinct class names, e.g. business,sport,tech; "
+                                  f"got {self.labels!r}")
+        if self.test_data is not None:
+            _data_file(self.test_data, "--test-data")
+        if self.client_data is not None:
+            files = self.client_data_files()
+            if len(files) != self.clients:
+                raise ConfigError(f"--client-data gives {len(files)} files for {self.clients} clients: give one "
+                                  "file per client (and --clients to match, or leave --clients out)")
+            if self.dataset != EMBEDDED_DATASET:
+                raise ConfigError("--client-data and --dataset both say where the clients' data is: give one of "
+                                  "them (a server-side test file is --test-data)")
+        if self.task != "classification" and self.dataset == EMBEDDED_DATASET and not self.client_data:
+            raise ConfigError(f"--task {self.task} needs a dataset in that format: pass --dataset FILE "
+                              "(csv/jsonl/parquet), a hub id such as piqa, hellaswag or cais/mmlu, or "
+                              "--client-data FILES")
+
+    def client_data_files(self) -> list[str]:
+        """The files of ``--client-data``, client i's first: the list given, or the data
+        files of one directory in name order (empty without --client-data)."""
+        if not self.client_data:
+            return []
+        entries = [str(e) for e in self.client_data]
+        if len(entries) == 1 and _is_dir(entries[0]):
+            folder = Path(entries[0]).expanduser()
+            files = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+            if not files:
+                raise ConfigError(f"--client-data {entries[0]}: the directory holds no .csv / .jsonl / .parquet "
+                                  "file: put one file per client there")
+            return files
+        for entry in entries:
+            _data_file(entry, "--client-data")
+        return entries
 
     def _validate_lora(self) -> None:
         rank = self.lora_rank
@@ -334,6 +388,12 @@ class RunConfig:
         return [min(b, total) for b in budgets]
 
     # --- (de)serialisation --------------------------------------------------------
+    @classmethod
+    def saved_settings(cls, saved: dict) -> dict:
+        """A recorded ``config.json`` with every setting added since filled in: its
+        value then (LEGACY_VALUES), else its default."""
+        return {**json.loads(cls().to_json()), **LEGACY_VALUES, **saved}
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -365,6 +425,10 @@ class RunConfig:
                 value = parse_str_list(value) if value else None
             elif name == "time_budgets":
                 value = parse_float_list(value) if value else None
+            elif name in ("client_data", "labels"):
+                value = parse_str_list(value) if value else None
+            elif name == "test_data" and value == "":
+                value = None
             elif name in ("mem_budget_range", "calibration") and value == "":
                 value = None
             elif name in ("out",) and value == "":
@@ -373,6 +437,19 @@ class RunConfig:
                 continue
             data[name] = value
         return cls(**data)
+
+
+def _is_dir(path: str) -> bool:
+    return Path(path).expanduser().is_dir()
+
+
+def _data_file(path: str, flag: str) -> None:
+    """A data file the user named: it exists and has a readable suffix."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{flag} {path}: no such file")
+    if p.suffix.lower() not in DATA_SUFFIXES:
+        raise ConfigError(f"{flag} {path}: unsupported file type {p.suffix!r}; use .csv, .jsonl or .parquet")
 
 
 def _bytes(text: str, flag: str) -> int:

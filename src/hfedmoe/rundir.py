@@ -96,7 +96,7 @@ class RunRecorder:
             raise ConfigError(f"--resume: {self.dir} holds no checkpointed run (no checkpoints/latest.json); "
                               "drop --resume to start a new run there")
         # A setting added after the run started was at its default then.
-        saved = {**json.loads(RunConfig().to_json()), **json.loads((self.dir / "config.json").read_text())}
+        saved = RunConfig.saved_settings(json.loads((self.dir / "config.json").read_text()))
         current = json.loads(self.cfg.to_json())
         changed = sorted(k for k in set(saved) | set(current)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))

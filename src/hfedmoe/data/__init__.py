@@ -7,7 +7,13 @@ functions that need them.
 """
 
 from hfedmoe.data.bbc import bbc_data_dir, load_bbc_news
-from hfedmoe.data.partition import partition_dirichlet, partition_iid, train_test_split
+from hfedmoe.data.partition import (
+    holdout_split,
+    partition_dirichlet,
+    partition_iid,
+    split_like,
+    train_test_split,
+)
 from hfedmoe.data.tokenize import (
     TensorBatches,
     embedded_tokenizer_path,
@@ -23,12 +29,14 @@ __all__ = [
     "TextDataset",
     "bbc_data_dir",
     "embedded_tokenizer_path",
+    "holdout_split",
     "encode_choices",
     "encode_instructions",
     "load_bbc_news",
     "load_tokenizer",
     "partition_dirichlet",
     "partition_iid",
+    "split_like",
     "tokenize_texts",
     "train_test_split",
 ]

@@ -89,18 +89,23 @@ def _texts(table, source: str, column: str) -> list[str]:
     return list(values)
 
 
-def _class_ids(raw_labels, source: str, column: str, min_classes: int = 2) -> tuple[list[int], list[str]]:
+def label_sort_key(name: str) -> tuple:
+    """Class names in id order: integers numerically, then strings alphabetically."""
+    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+
+
+def _class_ids(raw_labels, source: str, column: str, min_classes: int = 2,
+               min_per_class: int = 2) -> tuple[list[int], list[str]]:
     for i, label in enumerate(raw_labels):
         if label is None or isinstance(label, (float, list, dict)):
             raise ValueError(f"{source}: row {i} of column {column!r} is {label!r}; labels must be "
                              "strings or integers")
-    names = sorted({str(label) for label in raw_labels},
-                   key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
+    names = sorted({str(label) for label in raw_labels}, key=label_sort_key)
     if len(names) < min_classes:
         raise ValueError(f"{source}: column {column!r} has a single class ({names[0]!r}); "
                          "classification needs at least two")
     counts = Counter(str(label) for label in raw_labels)
-    lonely = sorted(name for name, n in counts.items() if n < 2)
+    lonely = sorted(name for name, n in counts.items() if n < min_per_class)
     if lonely:
         raise ValueError(f"{source}: class(es) {lonely[:5]} of column {column!r} have a single example; "
                          "a stratified train/test split needs at least two per class")
@@ -109,11 +114,13 @@ def _class_ids(raw_labels, source: str, column: str, min_classes: int = 2) -> tu
 
 
 def classification_from_table(table, source: str, text_column: str, label_column: str,
-                              label_names: list[str] | None = None) -> TextDataset:
+                              label_names: list[str] | None = None, site: bool = False) -> TextDataset:
     """Text + class label columns -> classification dataset.
 
     ``label_names`` (e.g. a hub dataset's ClassLabel names) names integer labels
-    0..C-1; without it the names are the distinct values found.
+    0..C-1; without it the names are the distinct values found. ``site``: one
+    client's own file, which may hold a single class or a class with one example
+    (a skewed site; the federation's label set is agreed across sites).
     """
     _require_columns(table, source, {text_column: "--text-column", label_column: "--label-column"})
     texts = _texts(table, source, text_column)
@@ -123,8 +130,22 @@ def classification_from_table(table, source: str, text_column: str, label_column
         if bad:
             raise ValueError(f"{source}: column {label_column!r} holds {bad[0]!r}, not a class id of {label_names}")
         return TextDataset(texts=texts, labels=list(raw), label_names=list(label_names))
-    labels, names = _class_ids(raw, source, label_column)
+    labels, names = _class_ids(raw, source, label_column, min_classes=1 if site else 2,
+                               min_per_class=1 if site else 2)
     return TextDataset(texts=texts, labels=labels, label_names=names)
+
+
+def relabel(dataset: TextDataset, label_names: list[str], source: str) -> TextDataset:
+    """``dataset`` with its class ids renumbered to ``label_names`` (the federation's
+    agreed label set), so that class i means the same on every site."""
+    ids = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(dataset.label_names) - set(ids), key=label_sort_key)
+    if unknown:
+        raise ValueError(f"{source} holds label(s) {unknown[:5]} outside the run's label set {label_names[:20]}: "
+                         "add them to the run config's labels, or drop those rows")
+    remap = [ids[name] for name in dataset.label_names]
+    return TextDataset(texts=list(dataset.texts), labels=[remap[y] for y in dataset.labels],
+                       label_names=list(label_names), choices=dataset.choices, responses=dataset.responses)
 
 
 def _choice_lists(table, source: str, choices_column: str) -> list[list[str]]:
@@ -192,7 +213,7 @@ def choices_from_table(table, source: str, question_column: str, choices_column:
 
 
 def instructions_from_table(table, source: str, prompt_column: str, response_column: str,
-                            group_column: str | None = None) -> TextDataset:
+                            group_column: str | None = None, site: bool = False) -> TextDataset:
     """Prompt + response columns -> causal-LM (instruction SFT) dataset.
 
     ``group_column`` (a category, when the file has it) drives the non-IID split;
@@ -202,9 +223,10 @@ def instructions_from_table(table, source: str, prompt_column: str, response_col
     prompts = _texts(table, source, prompt_column)
     responses = _texts(table, source, response_column)
     if group_column and group_column in table.column_names:
-        labels, names = _class_ids(table[group_column], source, group_column, min_classes=1)
+        labels, names = _class_ids(table[group_column], source, group_column, min_classes=1,
+                                   min_per_class=1 if site else 2)
     else:
         labels, names = [0] * len(prompts), ["all"]
-        if len(prompts) < 2:
+        if len(prompts) < 2 and not site:
             raise ValueError(f"{source} holds {len(prompts)} example; a train/test split needs at least two")
     return TextDataset(texts=prompts, labels=labels, label_names=names, responses=responses)

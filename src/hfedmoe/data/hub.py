@@ -77,14 +77,15 @@ def load_hub_dataset(dataset_id: str, task: str, text_column: str, label_column:
     return table_to_dataset(table, f"hub dataset {dataset_id}", spec)
 
 
-def table_to_dataset(table, source: str, spec: HubDataset) -> TextDataset:
-    """Map a ``datasets.Dataset`` onto ``spec.task``'s format."""
+def table_to_dataset(table, source: str, spec: HubDataset, site: bool = False) -> TextDataset:
+    """Map a ``datasets.Dataset`` onto ``spec.task``'s format (``site``: one client's own
+    file, see :func:`~hfedmoe.data.files.classification_from_table`)."""
     if spec.task == "multiple-choice":
         return choices_from_table(table, source, spec.text, spec.choices, spec.answer)
     if spec.task == "causal-lm":
-        return instructions_from_table(table, source, spec.text, spec.response, spec.label)
+        return instructions_from_table(table, source, spec.text, spec.response, spec.label, site=site)
     names = None
     feature = getattr(table, "features", {}).get(spec.label) if hasattr(table, "features") else None
     if feature is not None and hasattr(feature, "names"):  # a ClassLabel: keep the dataset's own names
         names = list(feature.names)
-    return classification_from_table(table, source, spec.text, spec.label, label_names=names)
+    return classification_from_table(table, source, spec.text, spec.label, label_names=names, site=site)

@@ -95,6 +95,89 @@ def train_test_split(
     return dataset.subset(train_idx), dataset.subset(test_idx)
 
 
+def holdout_split(dataset: TextDataset, test_fraction: float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
+    """One site's own file split into what it trains on and what it holds out for
+    federated evaluation: stratified like :func:`train_test_split`, but a class with a
+    single example stays in training (a skewed site may hold such a class), and the
+    held-out part may be empty (a site of one example).
+
+    Parameters
+    ----------
+    dataset : TextDataset
+        The site's examples.
+    test_fraction : float
+        Share of each class held out, strictly between 0 and 1.
+    seed : int, default 0
+        Seed of the shuffle (the run's seed and the site's partition id).
+
+    Returns
+    -------
+    tuple of TextDataset
+        ``(train, held_out)``, disjoint, together covering ``dataset``.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}.")
+    rng = random.Random(seed)
+    train_idx: list[int] = []
+    test_idx: list[int] = []
+    for indices in _indices_by_class(dataset.labels).values():
+        shuffled = list(indices)
+        rng.shuffle(shuffled)
+        k = _num_test(len(shuffled), test_fraction) if len(shuffled) > 1 else 0
+        test_idx.extend(shuffled[:k])
+        train_idx.extend(shuffled[k:])
+    rng.shuffle(train_idx)
+    rng.shuffle(test_idx)
+    return dataset.subset(train_idx), dataset.subset(test_idx)
+
+
+def split_like(labels: Sequence[int], label_counts: Sequence[Sequence[int]], seed: int = 0) -> list[list[int]]:
+    """Split a test set among clients the way their training data is split: per class,
+    client i gets a share of the class's test examples proportional to its count of
+    that class in training (largest remainders, seeded order).
+
+    Each client's part then resembles its own local held-out data (its label skew),
+    and the parts together are the whole test set: an example-weighted mean of the
+    clients' scores is the score on the whole set.
+
+    Parameters
+    ----------
+    labels : sequence of int
+        Class id of each test example.
+    label_counts : sequence of sequence of int
+        Per client, its training examples per class id.
+    seed : int, default 0
+        Seed of the shuffle within each class.
+
+    Returns
+    -------
+    list of list of int
+        One list of test positions per client, disjoint, covering ``range(len(labels))``.
+    """
+    clients = len(label_counts)
+    if clients < 1:
+        raise ValueError("split_like needs at least one client")
+    rng = random.Random(seed)
+    parts: list[list[int]] = [[] for _ in range(clients)]
+    for y, indices in _indices_by_class(labels).items():
+        shuffled = list(indices)
+        rng.shuffle(shuffled)
+        weights = [counts[y] if y < len(counts) else 0 for counts in label_counts]
+        total = sum(weights)
+        if total == 0:  # a class no client trains on: spread evenly
+            weights, total = [1] * clients, clients
+        exact = [len(shuffled) * w / total for w in weights]
+        sizes = [int(e) for e in exact]
+        # The remaining examples go to the largest remainders (ties: lower client id).
+        for i in sorted(range(clients), key=lambda i: (sizes[i] - exact[i], i))[:len(shuffled) - sum(sizes)]:
+            sizes[i] += 1
+        start = 0
+        for i, size in enumerate(sizes):
+            parts[i].extend(shuffled[start:start + size])
+            start += size
+    return parts
+
+
 # --------------------------------------------------------------------------- #
 # Client partitions
 # --------------------------------------------------------------------------- #

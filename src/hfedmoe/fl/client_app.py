@@ -2,7 +2,9 @@
 
 The server sends the run configuration and this client's expert budget in every
 message; the client's partition comes from its node config (``partition-id``,
-set by the simulation engine or by ``flower-supernode --node-config``).
+set by the simulation engine or by ``flower-supernode --node-config``), and so does
+its own data when it has some (``data-path``, plus ``text-column`` etc. where its
+file's columns differ from the run's; see hfedmoe.recipe.data.site_source).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import time
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from hfedmoe.client_round import client_round
@@ -23,8 +25,16 @@ from hfedmoe.fl.dp import sparse_local_dp_mod
 from hfedmoe.fl.ray_transport import use_out_of_band_arrays
 from hfedmoe.fl.records import encode_upload, record_to_state
 from hfedmoe.moe import make_access
-from hfedmoe.recipe import ClientData, build_model, load_client_data
-from hfedmoe.training import set_torch_threads
+from hfedmoe.recipe import (
+    ClientData,
+    SiteSource,
+    build_model,
+    load_client_data,
+    load_client_test,
+    site_label_names,
+    site_source,
+)
+from hfedmoe.training import evaluate, set_torch_threads
 from hfedmoe.training.memory import memtrace
 
 app = ClientApp()
@@ -41,17 +51,27 @@ def _model(run_config_json: str) -> tuple[RunConfig, torch.nn.Module]:
 
 
 @functools.lru_cache(maxsize=None)
-def _data(run_config_json: str, partition_id: int) -> ClientData:
+def _data(run_config_json: str, partition_id: int, source: SiteSource | None) -> ClientData:
     """A client's tokenized partition (small: all partitions together are the dataset)."""
-    return load_client_data(RunConfig.from_json(run_config_json), partition_id)
+    return load_client_data(RunConfig.from_json(run_config_json), partition_id, source)
 
 
-def _client(run_config_json: str, partition_id: int) -> tuple[RunConfig, torch.nn.Module, ClientData]:
-    """Model skeleton and tokenized partition, built once per process and run (a
+@functools.lru_cache(maxsize=None)
+def _test(run_config_json: str, partition_id: int, source: SiteSource | None):
+    """What this client scores the global model on in federated evaluation (or None)."""
+    return load_client_test(RunConfig.from_json(run_config_json), partition_id, source)
+
+
+def _source(cfg: RunConfig, context: Context) -> SiteSource | None:
+    return site_source(cfg, _partition_id(context), dict(context.node_config))
+
+
+def _client(run_config_json: str, context: Context) -> tuple[RunConfig, torch.nn.Module, ClientData]:
+    """Model skeleton and tokenized data, built once per process and run (a
     cache keyed by partition would rebuild the model for every client once a worker
     serves more clients than the cache holds)."""
     cfg, model = _model(run_config_json)
-    return cfg, model, _data(run_config_json, partition_id)
+    return cfg, model, _data(run_config_json, _partition_id(context), _source(cfg, context))
 
 
 def _partition_id(context: Context) -> int:
@@ -63,14 +83,44 @@ def _partition_id(context: Context) -> int:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which data partition this node holds."""
+    """Tell the server which data partition this node holds, and, when it holds its
+    own data, the label names in it (names only: the server agrees the label set)."""
     num_partitions = int(context.node_config.get("num-partitions", 0))
     if num_partitions < 1:
         raise ValueError("this SuperNode has no 'num-partitions' in its node config")
     reply = ConfigRecord({"partition-id": _partition_id(context), "num-partitions": num_partitions})
     if "mem-budget" in context.node_config:  # deployment: the device states its own memory
         reply["mem-budget-bytes"] = parse_bytes(str(context.node_config["mem-budget"]))
+    if "run-config" in msg.content["config"]:
+        cfg = RunConfig.from_json(str(msg.content["config"]["run-config"]))
+        source = _source(cfg, context)
+        if source is not None:
+            reply["own-data"] = True
+            reply["label-names"] = site_label_names(cfg, source)
     return Message(content=RecordDict({"config": reply}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Federated evaluation: score the global model on this client's held-out data."""
+    config = msg.content["config"]
+    run_config_json = str(config["run-config"])
+    cfg, model = _model(run_config_json)
+    pid = _partition_id(context)
+    test = _test(run_config_json, pid, _source(cfg, context))
+    metrics = MetricRecord({"partition-id": pid, "num-examples": 0})
+    if test is not None:
+        state = record_to_state(msg.content["arrays"])
+        del msg.content["arrays"]
+        make_access(model).load_state_dict(state, strict=True)
+        del state
+        scores = evaluate(model, test, task=cfg.task)
+        # "scored": the units the loss and accuracy average over (examples; response tokens
+        # for causal-lm), so the server's weighted mean is the pooled score.
+        metrics = MetricRecord({"partition-id": pid, "num-examples": int(scores["num_examples"]),
+                                "scored": int(scores.get("tokens", scores["num_examples"])),
+                                "accuracy": float(scores["accuracy"]), "loss": float(scores["loss"])})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def _injected_crash(partition_id: int, server_round: int) -> bool:
@@ -91,7 +141,7 @@ def train(msg: Message, context: Context) -> Message:
         use_out_of_band_arrays("copy")  # server copies it out of Ray's store (it holds all replies)
     config = msg.content["config"]
     memtrace("train-entry", round=int(config["server-round"]), budget=int(config["expert-budget"]))
-    cfg, model, data = _client(str(config["run-config"]), _partition_id(context))
+    cfg, model, data = _client(str(config["run-config"]), context)
     budget = int(config["expert-budget"])
     server_round = int(config["server-round"])
     if _injected_crash(data.partition_id, server_round):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from logging import INFO
 from typing import Protocol
 
@@ -25,7 +26,14 @@ from hfedmoe.methods import server_merges
 from hfedmoe.moe import make_access
 from hfedmoe.export import export_model
 from hfedmoe.rundir import RunRecorder, default_run_dir
-from hfedmoe.recipe import build_model, label_names, load_test_batches, model_spec
+from hfedmoe.recipe import (
+    build_model,
+    label_names,
+    load_test_batches,
+    model_spec,
+    resolve_evaluation,
+    union_label_names,
+)
 from hfedmoe.recipe.device import agreed_dtype
 from hfedmoe.training import evaluate, set_torch_threads
 
@@ -49,11 +57,23 @@ class LogReporter:
         log(INFO, "hfedmoe summary: %s", summary)
 
 
-def discover_nodes(grid: Grid, expected: int | None, timeout_s: float = 600.0) -> dict[int, tuple[int, int]]:
-    """Wait for the client nodes; ask each for its partition id and memory budget.
+@dataclass
+class NodeReport:
+    """What a client node states about itself before round 1 (from its node config)."""
 
-    Returns node id -> (partition id, memory budget in bytes or 0 when the node
-    states none).
+    partition_id: int
+    num_partitions: int
+    mem_budget_bytes: int = 0  # 0: the node states none
+    own_data: bool = False  # it trains on its own file, not a partition of the shared dataset
+    label_names: list[str] = field(default_factory=list)  # the classes in its own file
+
+
+def discover_nodes(grid: Grid, expected: int | None, timeout_s: float = 600.0,
+                   run_config_json: str = "") -> dict[int, NodeReport]:
+    """Wait for the client nodes; ask each for its partition id, memory budget and,
+    when it holds its own data, the label names in it.
+
+    Returns node id -> :class:`NodeReport`.
 
     ``expected=None`` (``flwr run``: the federation decides how many SuperNodes
     exist) takes the count from the first node's ``num-partitions``.
@@ -68,22 +88,28 @@ def discover_nodes(grid: Grid, expected: int | None, timeout_s: float = 600.0) -
         return nodes
 
     if expected is None:
-        expected = next(iter(_query(grid, wait_for(1)[:1], timeout_s).values()))[1]
+        expected = next(iter(_query(grid, wait_for(1)[:1], timeout_s, run_config_json).values())).num_partitions
 
-    replies = _query(grid, wait_for(expected), timeout_s)
-    counts = {n for _, (_, n, _) in replies.items()}
+    replies = _query(grid, wait_for(expected), timeout_s, run_config_json)
+    counts = {r.num_partitions for r in replies.values()}
     if counts != {expected}:
         raise ConfigError(f"client nodes report num-partitions {sorted(counts)}; this run needs {expected}")
-    ids = sorted(pid for pid, _, _ in replies.values())
+    ids = sorted(r.partition_id for r in replies.values())
     if ids != list(range(expected)):
         raise ConfigError(f"client nodes report partition ids {ids}; expected each of 0..{expected - 1} once")
-    return {node: (pid, mem) for node, (pid, _, mem) in replies.items()}
+    own = sorted(r.partition_id for r in replies.values() if r.own_data)
+    if own and len(own) != expected:
+        raise ConfigError(f"partitions {own} hold their own data (data-path) and the others a partition of the "
+                          "shared dataset: give every SuperNode a data-path, or none")
+    return replies
 
 
-def _query(grid: Grid, nodes: list[int], timeout_s: float) -> dict[int, tuple[int, int, int]]:
-    """node id -> (partition-id, num-partitions, mem-budget bytes or 0) from each node's node config."""
+def _query(grid: Grid, nodes: list[int], timeout_s: float, run_config_json: str) -> dict[int, NodeReport]:
+    """node id -> its :class:`NodeReport`, from each node's node config (and own data)."""
     messages = [
-        Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
+        Message(content=RecordDict({"config": ConfigRecord({"run-config": run_config_json} if run_config_json
+                                                           else {})}),
+                dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes
     ]
     found = {}
@@ -92,8 +118,11 @@ def _query(grid: Grid, nodes: list[int], timeout_s: float) -> dict[int, tuple[in
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
                                f"{reply.error.reason}")
         config = reply.content["config"]
-        mem = int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else 0
-        found[reply.metadata.src_node_id] = (int(config["partition-id"]), int(config["num-partitions"]), mem)
+        found[reply.metadata.src_node_id] = NodeReport(
+            partition_id=int(config["partition-id"]), num_partitions=int(config["num-partitions"]),
+            mem_budget_bytes=int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else 0,
+            own_data=bool(config["own-data"]) if "own-data" in config else False,
+            label_names=[str(x) for x in config["label-names"]] if "label-names" in config else [])
     if len(found) != len(nodes):
         raise RuntimeError(f"{len(nodes) - len(found)} client node(s) did not answer the partition query")
     return found
@@ -106,14 +135,19 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     SuperNodes (``flwr run``) instead of ``cfg.clients`` (``hfedmoe run``).
     """
     reporter = reporter or LogReporter()
-    partitions = discover_nodes(grid, None if clients_from_nodes else cfg.clients)
-    cfg.clients = len(partitions)
+    reports = discover_nodes(grid, None if clients_from_nodes else cfg.clients, run_config_json=cfg.to_json())
+    cfg.clients = len(reports)
     cfg.validate()
     cfg.dtype = agreed_dtype(cfg)  # every client trains, and every message travels, in this dtype
+    sites = any(r.own_data for r in reports.values())
+    agree_labels(cfg, reports)
+    evaluation = resolve_evaluation(cfg, sites)
+    cfg.evaluation = evaluation
     set_torch_threads()
     model = build_model(cfg, pretrained=True)
     access = make_access(model)
-    test = load_test_batches(cfg)
+    test = load_test_batches(cfg) if evaluation in ("server", "both") else None
+    partitions = {node: (r.partition_id, r.mem_budget_bytes) for node, r in reports.items()}
     node_memory = {pid: mem for pid, mem in partitions.values() if mem}
     budgets = client_budgets(cfg, access, node_memory)
     recorder = RunRecorder(cfg.out or default_run_dir(), cfg)
@@ -133,6 +167,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         "rounds": cfg.rounds,
         "budgets": [b.expert_budget for b in budgets], "mem_budgets": [b.mem_budget_bytes for b in budgets],
         "moe_layers": access.num_layers, "experts_per_layer": access.num_experts,
+        "evaluation": evaluation, "client_data": "own files" if sites else "shared dataset",
     })
 
     start_round = recorder.resume_round
@@ -148,8 +183,17 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         server_round += start_round
         started = time.perf_counter()
         state = strategy.state_of(arrays)
+        federated = None
+        if evaluation in ("federated", "both"):
+            federated = federated_evaluate(grid, partitions, arrays, cfg.to_json(), server_round, cfg.round_timeout)
         access.load_state_dict(state, strict=True)
-        scores = evaluate(model, test, task=cfg.task)
+        if test is not None:
+            scores = evaluate(model, test, task=cfg.task)
+        elif federated["examples"]:
+            scores = federated
+        else:
+            raise RunAborted(f"round {server_round}: no client returned an evaluation "
+                             f"({'; '.join(federated['failures']) or 'none holds evaluation data'})")
         info = strategy.round_info.get(server_round, {})
         # Seconds spent in this row's wall-time window (from the previous row's log to
         # this one's): the strategy's phases, this evaluation, the previous checkpoint.
@@ -168,6 +212,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             "failures": info.get("failures", []),
             "clients": info.get("clients", []),
             "timing": {k: round(v, 4) for k, v in timing.items()},
+            **({"federated": federated} if federated is not None else {}),
         }
         reporter.on_round(recorder.log_round(row))
         if server_round > 0:
@@ -201,6 +246,63 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     summary = recorder.finish(final_state, model_info, {"aborted": aborted} if aborted else None, write_model)
     reporter.on_end(summary)
     return summary
+
+
+def agree_labels(cfg: RunConfig, reports: dict[int, NodeReport]) -> None:
+    """Fix the classification label set before round 1 when the clients hold their own
+    data: ``--labels`` when given (every name a node reports must be in it), else the
+    union of the names the nodes report. Only names cross the wire, never data."""
+    reported = {r.partition_id: r.label_names for r in reports.values() if r.own_data}
+    if not reported or cfg.task != "classification":
+        return
+    if cfg.labels:
+        for pid, names in sorted(reported.items()):
+            unknown = sorted(set(names) - set(cfg.labels))
+            if unknown:
+                raise ConfigError(f"partition {pid}'s data holds label(s) {unknown[:5]} outside --labels "
+                                  f"{cfg.labels}: add them to labels (run config) or drop those rows")
+        return
+    agreed = union_label_names(list(reported.values()))
+    if len(agreed) < 2:
+        raise ConfigError(f"the clients' data together holds the single label {agreed}; classification needs "
+                          "at least two")
+    cfg.labels = agreed
+
+
+def federated_evaluate(grid: Grid, partitions: dict[int, tuple[int, int]], arrays: ArrayRecord,
+                       run_config_json: str, server_round: int, timeout_s: float) -> dict:
+    """Every client scores the global model on its held-out data; the server pools the
+    scores, weighted by what each client scored (examples; response tokens for causal-lm).
+
+    Returns accuracy, loss, examples, the partition ids that answered (``clients``)
+    and the failures (a client that errs or times out is left out, not fatal).
+    """
+    config = ConfigRecord({"run-config": run_config_json, "server-round": server_round})
+    messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type=MessageType.EVALUATE) for node in sorted(partitions)]
+    answered, failures = [], []
+    weight = correct = loss = 0.0
+    examples = 0
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    for reply in replies:
+        pid = partitions[reply.metadata.src_node_id][0]
+        if reply.has_error():
+            failures.append(f"partition {pid}: {reply.error.reason}"[:300])
+            continue
+        metrics = reply.content["metrics"]
+        if int(metrics["num-examples"]) == 0:
+            continue  # nothing held out there
+        w = float(metrics["scored"])
+        weight += w
+        correct += float(metrics["accuracy"]) * w
+        loss += float(metrics["loss"]) * w
+        examples += int(metrics["num-examples"])
+        answered.append(pid)
+    missing = len(messages) - len(replies)
+    if missing:
+        failures.append(f"{missing} client(s) did not answer within {timeout_s:.0f}s")
+    return {"accuracy": correct / weight if weight else 0.0, "loss": loss / weight if weight else 0.0,
+            "examples": examples, "clients": sorted(answered), "failures": failures}
 
 
 def make_server_app(cfg: RunConfig | None = None, reporter: Reporter | None = None) -> ServerApp:

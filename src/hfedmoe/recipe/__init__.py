@@ -18,6 +18,15 @@ from hfedmoe.recipe.data import (
     load_dataset_split,
     load_examples,
     load_test_batches,
+    load_client_test,
+    num_labels,
+    resolve_data_settings,
+    resolve_evaluation,
+    server_holds_test,
+    site_label_names,
+    site_source,
+    union_label_names,
+    SiteSource,
 )
 from hfedmoe.recipe.local import local_train_config
 from hfedmoe.recipe.models import (
@@ -32,6 +41,15 @@ from hfedmoe.recipe.sources import hf_config, model_kind, quiet_transformers, re
 
 __all__ = [
     "ClientData",
+    "SiteSource",
+    "load_client_test",
+    "num_labels",
+    "resolve_data_settings",
+    "resolve_evaluation",
+    "server_holds_test",
+    "site_label_names",
+    "site_source",
+    "union_label_names",
     "DataSpec",
     "build_model",
     "client_partitions",

@@ -1,6 +1,14 @@
-"""The data of a run, rebuilt identically by server and clients: the dataset, its fixed-seed
-train/test split, each client's non-IID partition, and their tensors in the task's format.
-Everything is deterministic in the config's seed, so no data ever crosses the wire."""
+"""The data of a run, in the task's tensor format. Two ways to hold it:
+
+- a shared dataset (``--dataset``): server and clients rebuild the same fixed-seed
+  train/test split and each client's non-IID partition of it, deterministically in the
+  config's seed, so no data crosses the wire;
+- each site's own file (a SuperNode's ``data-path``, or ``--client-data`` in
+  simulation): only that client reads it; it trains on most of it and holds out
+  ``test_fraction`` for federated evaluation. The server never reads it: the
+  classification label set is agreed from the label names the sites report
+  (:func:`site_label_names`) or given as ``--labels``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,8 @@ import torch
 from hfedmoe.config import EMBEDDED_DATASET, ConfigError, RunConfig
 from hfedmoe.data import (
     TensorBatches,
+    holdout_split,
+    split_like,
     TextDataset,
     encode_choices,
     encode_instructions,
@@ -22,7 +32,7 @@ from hfedmoe.data import (
     tokenize_texts,
     train_test_split,
 )
-from hfedmoe.data.files import FORMATS, read_table
+from hfedmoe.data.files import FORMATS, label_sort_key, read_table, relabel
 from hfedmoe.data.hub import HubDataset, load_hub_dataset, table_to_dataset
 from hfedmoe.recipe.sources import resolve_model_path, tokenizer_for
 
@@ -45,8 +55,42 @@ class DataSpec:
                    cfg.answer_column, cfg.response_column)
 
 
-def load_examples(spec: DataSpec) -> TextDataset:
-    """All examples of the run's dataset, in ``spec.task``'s format (not yet split)."""
+COLUMN_FIELDS = ("text_column", "label_column", "choices_column", "answer_column", "response_column")
+
+
+@dataclass(frozen=True)
+class SiteSource:
+    """One client's own data file, with the column names it uses where they differ
+    from the run's (a SuperNode's node config may name them: ``text-column=...``)."""
+
+    path: str
+    columns: tuple[tuple[str, str], ...] = ()  # (RunConfig column field, this file's column)
+
+    def spec(self, cfg: RunConfig) -> DataSpec:
+        names = {f: getattr(cfg, f) for f in COLUMN_FIELDS} | dict(self.columns)
+        return DataSpec(self.path, cfg.task, **names)
+
+
+def site_source(cfg: RunConfig, partition_id: int, node_config: dict | None = None) -> SiteSource | None:
+    """Where client ``partition_id``'s own data is: its node config's ``data-path`` (a
+    SuperNode under the deployment engine), else its ``--client-data`` file
+    (simulation), else None (a partition of the shared ``--dataset``)."""
+    node_config = node_config or {}
+    if "data-path" in node_config:
+        columns = tuple((f, str(node_config[f.replace("_", "-")])) for f in COLUMN_FIELDS
+                        if f.replace("_", "-") in node_config)
+        return SiteSource(str(node_config["data-path"]), columns)
+    files = cfg.client_data_files()
+    if files:
+        if not 0 <= partition_id < len(files):
+            raise ConfigError(f"partition id {partition_id} has no --client-data file (there are {len(files)})")
+        return SiteSource(files[partition_id])
+    return None
+
+
+def load_examples(spec: DataSpec, site: bool = False) -> TextDataset:
+    """All examples of the run's dataset (or, with ``site``, of one client's own file),
+    in ``spec.task``'s format (not yet split)."""
     if spec.dataset == EMBEDDED_DATASET:
         return load_bbc_news()
     path = Path(spec.dataset).expanduser()
@@ -56,7 +100,9 @@ def load_examples(spec: DataSpec) -> TextDataset:
             columns = HubDataset(spec.task, text=spec.text_column, label=spec.label_column,
                                  choices=spec.choices_column, answer=spec.answer_column,
                                  response=spec.response_column)
-            return table_to_dataset(table, str(path), columns)
+            return table_to_dataset(table, str(path), columns, site=site)
+        if site:
+            raise ValueError(f"client data {spec.dataset!r} is not a .csv / .jsonl / .parquet file")
         if path.exists() or spec.dataset.startswith((".", "/", "~")):
             raise ValueError(f"--dataset {spec.dataset!r} is not a .csv / .jsonl / .parquet file")
         return load_hub_dataset(spec.dataset, spec.task, spec.text_column, spec.label_column, spec.choices_column,
@@ -88,9 +134,50 @@ def deduplicate(dataset: TextDataset) -> TextDataset:
     return dataset.subset(keep)
 
 
+@functools.lru_cache(maxsize=16)
+def read_site(spec: DataSpec) -> TextDataset:
+    """One site's file, duplicates dropped, its own label names (not yet agreed)."""
+    return deduplicate(load_examples(spec, site=True))
+
+
+def site_label_names(cfg: RunConfig, source: SiteSource) -> list[str]:
+    """The class names a site's file holds: what a SuperNode reports before round 1 so
+    that the server can agree the label set without seeing any data."""
+    if cfg.task != "classification":
+        return []
+    return list(read_site(source.spec(cfg)).label_names)
+
+
+def union_label_names(reported: list[list[str]]) -> list[str]:
+    """The federation's label set: every name any site reported, in id order."""
+    return sorted({name for names in reported for name in names}, key=label_sort_key)
+
+
 def label_names(cfg: RunConfig) -> list[str]:
+    """The run's class names, class id order: ``--labels`` (or the set agreed with the
+    sites), else the union of the ``--client-data`` files' labels, else the dataset's."""
+    if cfg.labels:
+        return list(cfg.labels)
+    files = cfg.client_data_files()
+    if files:
+        return union_label_names([site_label_names(cfg, SiteSource(f)) for f in files])
     train, _ = dataset_split(cfg)
     return list(train.label_names)
+
+
+def num_labels(cfg: RunConfig) -> int:
+    return len(label_names(cfg))
+
+
+def site_split(cfg: RunConfig, partition_id: int, source: SiteSource) -> tuple[TextDataset, TextDataset]:
+    """A site's (train, held-out) parts; class ids in the run's agreed label set."""
+    data = read_site(source.spec(cfg))
+    if cfg.task == "classification":
+        try:
+            data = relabel(data, label_names(cfg), source.path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return holdout_split(data, cfg.test_fraction, seed=cfg.seed * 1000 + partition_id)
 
 
 @dataclass
@@ -100,6 +187,7 @@ class ClientData:
     partition_id: int
     batches: TensorBatches
     label_counts: list[int]
+    source: str = "shared"  # "shared": a partition of --dataset; else the site's own file
 
     @property
     def num_examples(self) -> int:
@@ -144,18 +232,97 @@ def _batches(cfg: RunConfig, data: TextDataset, batch_size: int, shuffle: bool, 
                          seed=seed, extras=extras)
 
 
-def load_client_data(cfg: RunConfig, partition_id: int) -> ClientData:
-    """Tokenized training partition ``partition_id`` of ``cfg.clients``."""
+def load_client_data(cfg: RunConfig, partition_id: int, source: SiteSource | None = None) -> ClientData:
+    """Tokenized training data of client ``partition_id`` of ``cfg.clients``: its
+    partition of the shared dataset, or the training part of its own file."""
     if not 0 <= partition_id < cfg.clients:
         raise ConfigError(f"partition id {partition_id} is outside 0..{cfg.clients - 1}")
-    train, _ = dataset_split(cfg)
-    part = train.subset(client_partitions(cfg)[partition_id])
+    source = source or site_source(cfg, partition_id)
+    if source is not None:
+        part, _ = site_split(cfg, partition_id, source)
+        if len(part) == 0:
+            raise ConfigError(f"{source.path} leaves no training example after holding out --test-fraction "
+                              f"{cfg.test_fraction}: add rows")
+    else:
+        train, _ = dataset_split(cfg)
+        part = train.subset(client_partitions(cfg)[partition_id])
     batches = _batches(cfg, part, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + partition_id)
-    return ClientData(partition_id, batches, part.label_counts())
+    return ClientData(partition_id, batches, part.label_counts(), source.path if source else "shared")
+
+
+def load_client_test(cfg: RunConfig, partition_id: int, source: SiteSource | None = None) -> TensorBatches | None:
+    """What client ``partition_id`` scores the global model on in federated evaluation
+    (None: nothing held out): the held-out part of its own file, or, on a shared
+    dataset, its share of the test split, split like the clients' training data
+    (:func:`~hfedmoe.data.partition.split_like`: the shares together are the test
+    split, so their example-weighted mean is the server-side score)."""
+    source = source or site_source(cfg, partition_id)
+    if source is not None:
+        _, held_out = site_split(cfg, partition_id, source)
+    else:
+        _, test = dataset_split(cfg)
+        held_out = test.subset(_test_shares(cfg)[partition_id])
+    if len(held_out) == 0:
+        return None
+    return _batches(cfg, held_out, cfg.eval_batch_size, shuffle=False)
+
+
+def _test_shares(cfg: RunConfig) -> list[list[int]]:
+    train, test = dataset_split(cfg)
+    counts = [train.subset(part).label_counts() for part in client_partitions(cfg)]
+    return _split_like(tuple(test.labels), tuple(tuple(c) for c in counts), cfg.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _split_like(labels: tuple[int, ...], counts: tuple[tuple[int, ...], ...], seed: int) -> list[list[int]]:
+    return split_like(list(labels), [list(c) for c in counts], seed=seed)
+
+
+def server_holds_test(cfg: RunConfig, sites: bool) -> bool:
+    """Whether the server has a test set: ``--test-data``, or the split of the shared
+    dataset (not when the clients hold their own data: ``sites``)."""
+    return bool(cfg.test_data) or not sites
+
+
+def resolve_evaluation(cfg: RunConfig, sites: bool) -> str:
+    """``cfg.evaluation`` resolved: auto -> server when the server holds a test set
+    (``--test-data`` or the shared dataset's split), else federated."""
+    holds = server_holds_test(cfg, sites)
+    if cfg.evaluation == "auto":
+        return "server" if holds else "federated"
+    if cfg.evaluation in ("server", "both") and not holds:
+        raise ConfigError(f"--evaluation {cfg.evaluation} scores the model on a test set the server holds, and "
+                          "the clients hold their own data: pass --test-data FILE (test-data in the run config) "
+                          "or choose --evaluation federated")
+    return cfg.evaluation
+
+
+def resolve_data_settings(cfg: RunConfig) -> RunConfig:
+    """Set what the server resolves before round 1 in simulation, where the clients'
+    files are readable here: the label set of ``--client-data`` (the union of the
+    files' labels) and the evaluation mode. A resumed run compares these resolved
+    values with its ``config.json``."""
+    if cfg.client_data and cfg.task == "classification" and not cfg.labels:
+        cfg.labels = label_names(cfg)
+    cfg.evaluation = resolve_evaluation(cfg, sites=bool(cfg.client_data))
+    return cfg
 
 
 def load_test_batches(cfg: RunConfig) -> TensorBatches:
-    """The held-out test set, in fixed order."""
+    """The server's test set, in fixed order: ``--test-data`` or the dataset's test split."""
+    if cfg.test_data:
+        data = deduplicate(load_examples(DataSpec(cfg.test_data, cfg.task, cfg.text_column, cfg.label_column,
+                                                  cfg.choices_column, cfg.answer_column, cfg.response_column),
+                                         site=True))
+        if cfg.task == "classification":
+            try:
+                data = relabel(data, label_names(cfg), f"--test-data {cfg.test_data}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        return _batches(cfg, data, cfg.eval_batch_size, shuffle=False)
+    if cfg.client_data:
+        raise ConfigError("the clients hold their own data (--client-data): the server has no test set; pass "
+                          "--test-data FILE or --evaluation federated")
     _, test = dataset_split(cfg)
     return _batches(cfg, test, cfg.eval_batch_size, shuffle=False)
 

@@ -21,26 +21,25 @@ from hfedmoe.moe import NoMoELayersError, make_access
 from hfedmoe.moe.fused import find_fused_blocks
 from hfedmoe.moe.lora import LoraTargetError, apply_lora, resolve_targets
 from hfedmoe.moe.switch import decoder_layer_flags
-from hfedmoe.recipe.data import dataset_split, label_names
+from hfedmoe.recipe.data import label_names, num_labels
 from hfedmoe.recipe.device import check_runtime, run_device, run_dtype
 from hfedmoe.recipe.sources import hf_config, model_kind, quiet_transformers, resolve_model_path, tokenizer_for
 
 
 def model_spec(cfg: RunConfig) -> dict:
     """What is needed to rebuild the model (written next to the final weights)."""
-    train, _ = dataset_split(cfg)
     if model_kind(cfg) == "hf":
         head = hf_head(cfg)
         spec = {"kind": f"hf-{head}", "base_path": str(resolve_model_path(cfg)), "task": cfg.task}
         if head == "sequence-classification":
-            spec["num_labels"] = train.num_classes
+            spec["num_labels"] = num_labels(cfg)
         if head.endswith("label-words"):
             spec["label_token_ids"] = label_token_ids(cfg)
         if cfg.lora_rank:  # the saved state holds adapters, routers and head only
             spec["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha_value(),
                             "targets": cfg.lora_target_names(), "seed": cfg.seed}
         return spec
-    spec = UpcycledSpec(base_path=str(resolve_model_path(cfg)), num_labels=train.num_classes,
+    spec = UpcycledSpec(base_path=str(resolve_model_path(cfg)), num_labels=num_labels(cfg),
                         num_experts=cfg.num_experts, top_k=cfg.top_k)
     return {"kind": "upcycled", **spec.to_dict()}
 
@@ -178,7 +177,7 @@ def _hf_classifier(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
     head = hf_head(cfg)
     config = hf_config(cfg)
     if head == "sequence-classification":
-        config.num_labels = dataset_split(cfg)[0].num_classes
+        config.num_labels = num_labels(cfg)
     if getattr(config, "pad_token_id", None) is None:
         # Sequence classification pools the last non-pad token: it must know the pad id.
         config.pad_token_id = tokenizer_for(str(resolve_model_path(cfg))).pad_token_id

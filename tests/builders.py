@@ -14,6 +14,8 @@ Three groups:
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +168,35 @@ def write_data(path: Path, per_class: int = 8) -> Path:
     table = datasets.Dataset.from_list(rows)
     {".csv": table.to_csv, ".jsonl": table.to_json, ".parquet": table.to_parquet}[path.suffix](str(path))
     return path
+
+
+# Three sites with their own label skew (site 2 has no "tech"): what write_sites writes.
+SITES = {0: {"business": 10, "sport": 3, "tech": 2}, 1: {"business": 2, "sport": 10, "tech": 4},
+         2: {"business": 3, "sport": 9}}
+
+
+def write_sites(folder: Path, suffix: str = ".jsonl") -> list[str]:
+    """One file per site (columns body, topic; SITES' label counts), disjoint BBC texts."""
+    bbc = load_bbc_news()
+    names = {0: "business", 3: "sport", 4: "tech"}
+    by_label = {names[y]: [t for t, yy in zip(bbc.texts, bbc.labels) if yy == y] for y in names}
+    taken = dict.fromkeys(by_label, 0)
+    files = []
+    for site, counts in SITES.items():
+        rows = []
+        for label, n in counts.items():
+            rows += [{"body": t[:300], "topic": label} for t in by_label[label][taken[label]:taken[label] + n]]
+            taken[label] += n
+        path = folder / f"site{site}{suffix}"
+        if suffix == ".csv":
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["body", "topic"])
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(str(path))
+    return files
 
 
 def mixtral_config(mixtral: tuple[Path, Path], out, **changes) -> RunConfig:

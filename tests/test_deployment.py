@@ -23,6 +23,7 @@ import pytest
 
 # tests/ is on sys.path (pytest's default rootdir-relative import of test modules).
 from proc_marker import MARKER, marked_pids, new_marker, stop_marked
+from builders import write_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,10 +78,16 @@ def _check_run(out: Path, nodes: int, rounds: int) -> None:
 
 
 @pytest.mark.e2e
-def test_superlink_and_three_supernodes_over_tls(tmp_path):
+def test_three_supernodes_each_on_its_own_csv_over_tls(tmp_path):
+    """Each SuperNode trains on its own csv (node config data-path); the server reads none
+    of them: it agrees the label set from the names the nodes report and scores the
+    model by federated evaluation on the nodes' held-out rows."""
+    (tmp_path / "sites").mkdir()
+    files = write_sites(tmp_path / "sites", ".csv")
     marker = new_marker()
     try:
-        proc = _launch(tmp_path, marker, "--tls")
+        proc = _launch(tmp_path, marker, "--tls", "--node-data", ",".join(files),
+                       "--node-columns", "text-column=body label-column=topic")
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         # The launcher stopped every process it started (SuperLink, SuperExecs, SuperNodes,
         # ServerApp/ClientApp processes, flwr CLI) by itself.
@@ -97,6 +104,15 @@ def test_superlink_and_three_supernodes_over_tls(tmp_path):
     link_log = (tmp_path / "work" / "logs" / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1:" in link_log
     _check_run(tmp_path / "run", nodes=3, rounds=2)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["labels"] == ["business", "sport", "tech"] and config["evaluation"] == "federated"
+    assert config["client_data"] is None and config["dataset"] == "bbc-news"  # the server got no paths
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["federated"]["clients"] == [0, 1, 2] and row["federated"]["failures"] == []
+        assert row["federated"]["examples"] == 8  # one row per class of each site held out (test-fraction 0.05)
+    # Each node trained on the rest of its own file (15, 16 and 12 rows).
+    assert {c["id"]: c["num_examples"] for c in rows[1]["clients"]} == {0: 12, 1: 13, 2: 10}
 
 
 @pytest.mark.e2e

@@ -13,7 +13,6 @@ import pytest
 import hfedmoe.recipe.data as data_module
 from hfedmoe.cli import build_parser, run_config_from
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.data import load_bbc_news
 from hfedmoe.fl.inprocess import InProcessGrid, _server_identity, run_inprocess
 from hfedmoe.fl.client_app import app as client_app
 from hfedmoe.fl.server_app import NodeReport, agree_labels, run_server
@@ -29,29 +28,7 @@ from hfedmoe.recipe import (
 from hfedmoe.recipe.data import site_split
 from hfedmoe.training import evaluate
 
-from builders import mixtral_config
-
-# Three sites, each with its own label skew; site 2 has no "tech" at all.
-SITES = {0: {"business": 10, "sport": 3, "tech": 2}, 1: {"business": 2, "sport": 10, "tech": 4},
-         2: {"business": 3, "sport": 9}}
-
-
-def write_sites(folder: Path, columns=("body", "topic")) -> list[str]:
-    bbc = load_bbc_news()
-    by_label = {bbc.label_names[y]: [t for t, yy in zip(bbc.texts, bbc.labels) if yy == y] for y in (0, 3, 4)}
-    by_label = {{"sports": "sport"}.get(k, k): v for k, v in by_label.items()}
-    taken = {k: 0 for k in by_label}
-    files = []
-    for site, counts in SITES.items():
-        rows = []
-        for label, n in counts.items():
-            rows += [{columns[0]: t[:300], columns[1]: label} for t in by_label[label][taken[label]:taken[label] + n]]
-            taken[label] += n
-        path = folder / f"site{site}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        files.append(str(path))
-    return files
-
+from builders import mixtral_config, write_sites
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory) -> list[str]:
@@ -201,3 +178,13 @@ def test_a_server_test_file_scores_a_site_federation(mixtral, sites, tmp_path, o
     initial = evaluate(build_model(cfg, pretrained=True), load_test_batches(cfg), task=cfg.task)
     assert initial["num_examples"] == 15
     assert (history[0]["accuracy"], history[0]["loss"]) == pytest.approx((initial["accuracy"], initial["loss"]))
+
+
+def test_a_node_whose_file_is_missing_stops_the_run_before_round_1(mixtral, sites, tmp_path, one_thread):
+    cfg = mixtral_config(mixtral, tmp_path / "r", dataset="bbc-news", clients=2, local_steps=1)
+    grid = InProcessGrid(client_app, 2)
+    for pid, context in enumerate(grid.contexts.values()):
+        context.node_config["data-path"] = [sites[0], str(tmp_path / "gone.csv")][pid]
+    with _server_identity(), pytest.raises(RuntimeError, match=r"gone.csv does not exist"):
+        run_server(grid, cfg)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -142,10 +142,10 @@ def read_site(spec: DataSpec) -> TextDataset:
 
 def site_label_names(cfg: RunConfig, source: SiteSource) -> list[str]:
     """The class names a site's file holds: what a SuperNode reports before round 1 so
-    that the server can agree the label set without seeing any data."""
-    if cfg.task != "classification":
-        return []
-    return list(read_site(source.spec(cfg)).label_names)
+    that the server can agree the label set without seeing any data. Reading the file
+    here also means a missing file or column fails before round 1."""
+    data = read_site(source.spec(cfg))
+    return list(data.label_names) if cfg.task == "classification" else []
 
 
 def union_label_names(reported: list[list[str]]) -> list[str]:

@@ -44,6 +44,7 @@ from hfedmoe.recipe import (
     dataset_batches,
     label_names,
     load_dataset_examples,
+    load_run_test_examples,
     model_spec,
     quiet_transformers,
     resolve_model_path,
@@ -281,7 +282,13 @@ def evaluate_directory(model_dir: str | Path, overrides: dict, split: str = "tes
     the dataset's test split (``split="test"``) or all of it (``"all"``)."""
 
     cfg, info = eval_config(model_dir, overrides)
-    data = load_dataset_examples(cfg, split)
+    own_data = info is not None and overrides.get("dataset") is None and cfg.extra.get("own_data")
+    if own_data and split != "test":
+        raise ConfigError("--split all reads a dataset, and this run's clients held their own data: name one "
+                          "with --dataset")
+    if info is not None and cfg.task == "classification":
+        cfg.labels = list(info["label_names"])  # a file holding some of the classes is scored with the model's ids
+    data = load_run_test_examples(cfg) if own_data else load_dataset_examples(cfg, split)
     if info is not None and cfg.task == "classification":
         expected = list(info["label_names"])
         if list(data.label_names) != expected:
@@ -291,4 +298,6 @@ def evaluate_directory(model_dir: str | Path, overrides: dict, split: str = "tes
     # An export carries its tokenizer: the run's base checkpoint need not be where the run left it.
     tokenizer = str(model_dir) if (Path(model_dir) / "tokenizer_config.json").is_file() else None
     scores = evaluate(model, dataset_batches(cfg, data, tokenizer), task=cfg.task)
-    return {**scores, "model": str(model_dir), "dataset": cfg.dataset, "split": split, "task": cfg.task}
+    source = ("the run's test file " + cfg.test_data if cfg.test_data else "the clients' held-out data") \
+        if own_data else cfg.dataset
+    return {**scores, "model": str(model_dir), "dataset": source, "split": split, "task": cfg.task}

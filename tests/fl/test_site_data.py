@@ -13,7 +13,8 @@ import pytest
 import hfedmoe.recipe.data as data_module
 from hfedmoe.cli import build_parser, run_config_from
 from hfedmoe.config import ConfigError, RunConfig
-from hfedmoe.fl.inprocess import InProcessGrid, _server_identity, run_inprocess
+from hfedmoe.export import evaluate_directory
+from hfedmoe.fl.inprocess import InProcessGrid, server_identity, run_inprocess
 from hfedmoe.fl.client_app import app as client_app
 from hfedmoe.fl.server_app import NodeReport, agree_labels, run_server
 from hfedmoe.recipe import (
@@ -129,6 +130,12 @@ def test_sites_train_on_their_own_files_and_evaluation_is_federated(mixtral, sit
     trained = {c["id"]: c["num_examples"] for c in history[1]["clients"]}
     assert trained == {pid: load_client_data(cfg, pid).num_examples for pid in range(3)}
     assert [trained[p] + held[p] for p in range(3)] == [15, 16, 12]
+    # `hfedmoe eval` of the exported model scores the clients' held-out rows together:
+    # exactly the run's last federated figures.
+    scores = evaluate_directory(tmp_path / "r" / "final", {})
+    assert scores["num_examples"] == sum(held) and scores["dataset"] == "the clients' held-out data"
+    assert (scores["accuracy"], scores["loss"]) == pytest.approx((history[-1]["accuracy"], history[-1]["loss"]),
+                                                                 rel=1e-6)
 
 
 def test_nodes_with_a_data_path_are_read_only_by_their_client(mixtral, sites, tmp_path, monkeypatch, one_thread):
@@ -140,8 +147,16 @@ def test_nodes_with_a_data_path_are_read_only_by_their_client(mixtral, sites, tm
     for pid, (node, context) in enumerate(sorted(grid.contexts.items())):
         context.node_config.update({"data-path": sites[pid], "text-column": "body", "label-column": "topic"})
     inside_client = []
-    deliver = grid._deliver
-    monkeypatch.setattr(grid, "_deliver", lambda msg: (inside_client.append(True), deliver(msg), inside_client.pop())[1])
+    deliver = grid.deliver
+
+    def deliver_marked(msg):  # a message being handled by a node's ClientApp
+        inside_client.append(True)
+        try:
+            return deliver(msg)
+        finally:
+            inside_client.pop()
+
+    monkeypatch.setattr(grid, "deliver", deliver_marked)
     read = data_module.read_site.__wrapped__
     opened = []
 
@@ -151,11 +166,17 @@ def test_nodes_with_a_data_path_are_read_only_by_their_client(mixtral, sites, tm
         return read(spec)
 
     monkeypatch.setattr(data_module, "read_site", read_site)
-    with _server_identity():
+    with server_identity():
         run_server(grid, cfg)
     assert sorted(set(opened)) == sorted(sites)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["labels"] == ["business", "sport", "tech"]
     assert all("federated" in row for row in rows(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="held their own data on their own machines"):
+        evaluate_directory(tmp_path / "r" / "final", {})
+    # A file with some of the classes is scored with the model's class ids.
+    scores = evaluate_directory(tmp_path / "r" / "final", {"dataset": sites[2], "text_column": "body",
+                                                           "label_column": "topic"}, split="all")
+    assert scores["num_examples"] == 12
 
 
 def test_federated_scores_on_a_shared_dataset_pool_to_the_server_score(mixtral, tmp_path, one_thread):
@@ -185,6 +206,6 @@ def test_a_node_whose_file_is_missing_stops_the_run_before_round_1(mixtral, site
     grid = InProcessGrid(client_app, 2)
     for pid, context in enumerate(grid.contexts.values()):
         context.node_config["data-path"] = [sites[0], str(tmp_path / "gone.csv")][pid]
-    with _server_identity(), pytest.raises(RuntimeError, match=r"gone.csv does not exist"):
+    with server_identity(), pytest.raises(RuntimeError, match=r"gone.csv does not exist"):
         run_server(grid, cfg)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -70,7 +70,7 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def _deliver(self, msg: Message) -> Message:
+    def deliver(self, msg: Message) -> Message:
         """The node's reply; an exception becomes an error reply, as on Flower's engine."""
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
@@ -82,7 +82,7 @@ class InProcessGrid(Grid):
         ids = []
         for i, msg in enumerate(messages):
             key = f"{len(self._pending)}-{i}"
-            self._pending[key] = self._deliver(msg)
+            self._pending[key] = self.deliver(msg)
             ids.append(key)
         return ids
 
@@ -90,11 +90,11 @@ class InProcessGrid(Grid):
         return [self._pending.pop(key) for key in message_ids if key in self._pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [self._deliver(msg) for msg in messages]
+        return [self.deliver(msg) for msg in messages]
 
 
 @contextlib.contextmanager
-def _server_identity() -> Iterator[None]:
+def server_identity() -> Iterator[None]:
     """Flower reads the current process's run/node/task ids to create a message."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = _RUN_ID, SERVER_NODE_ID, 1
@@ -108,5 +108,5 @@ def run_inprocess(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict:
     """Run ``cfg`` with ``cfg.clients`` in-process nodes; return the run summary."""
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    with _server_identity():
+    with server_identity():
         return run_server(InProcessGrid(client_app, cfg.clients), cfg, reporter)

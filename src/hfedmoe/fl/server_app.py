@@ -140,6 +140,8 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     cfg.validate()
     cfg.dtype = agreed_dtype(cfg)  # every client trains, and every message travels, in this dtype
     sites = any(r.own_data for r in reports.values())
+    if sites:  # recorded (config.json, exports): `hfedmoe eval` then knows the data stayed on the sites
+        cfg.extra["own_data"] = True
     agree_labels(cfg, reports)
     evaluation = resolve_evaluation(cfg, sites)
     cfg.evaluation = evaluation

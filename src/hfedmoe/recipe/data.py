@@ -123,7 +123,15 @@ def load_dataset_split(spec: DataSpec | str, test_fraction: float, seed: int) ->
 
 
 def dataset_split(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
-    return load_dataset_split(DataSpec.of(cfg), cfg.test_fraction, cfg.seed)
+    """The shared dataset's (train, test); with ``--labels``, class ids in that order."""
+    train, test = load_dataset_split(DataSpec.of(cfg), cfg.test_fraction, cfg.seed)
+    if cfg.labels and cfg.task == "classification" and list(train.label_names) != list(cfg.labels):
+        try:
+            return (relabel(train, list(cfg.labels), f"--dataset {cfg.dataset}"),
+                    relabel(test, list(cfg.labels), f"--dataset {cfg.dataset}"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return train, test
 
 
 def deduplicate(dataset: TextDataset) -> TextDataset:
@@ -304,6 +312,8 @@ def resolve_data_settings(cfg: RunConfig) -> RunConfig:
     values with its ``config.json``."""
     if cfg.client_data and cfg.task == "classification" and not cfg.labels:
         cfg.labels = label_names(cfg)
+    if cfg.client_data:
+        cfg.extra["own_data"] = True
     cfg.evaluation = resolve_evaluation(cfg, sites=bool(cfg.client_data))
     return cfg
 
@@ -330,11 +340,35 @@ def load_test_batches(cfg: RunConfig) -> TensorBatches:
 def load_dataset_examples(cfg: RunConfig, split: str = "test") -> TextDataset:
     """The run's test split (``"test"``: the same seeded split the run used) or every
     example of the dataset (``"all"``, duplicates dropped)."""
+    if split not in ("test", "all"):
+        raise ConfigError(f"--split must be test or all, got {split!r}")
     if split == "test":
         return dataset_split(cfg)[1]
-    if split == "all":
-        return deduplicate(load_examples(DataSpec.of(cfg)))
-    raise ConfigError(f"--split must be test or all, got {split!r}")
+    data = deduplicate(load_examples(DataSpec.of(cfg)))
+    return relabel(data, list(cfg.labels), cfg.dataset) if cfg.labels and cfg.task == "classification" else data
+
+
+def load_run_test_examples(cfg: RunConfig) -> TextDataset:
+    """What a run with the clients' own data was scored on, where this machine can read
+    it: the server's ``--test-data``, else the clients' held-out parts together
+    (``--client-data``; their pooled score is the run's federated score)."""
+    if cfg.test_data:
+        data = deduplicate(load_examples(DataSpec(cfg.test_data, cfg.task, cfg.text_column, cfg.label_column,
+                                                  cfg.choices_column, cfg.answer_column, cfg.response_column),
+                                         site=True))
+        return relabel(data, label_names(cfg), cfg.test_data) if cfg.task == "classification" else data
+    files = cfg.client_data_files()
+    if not files:
+        raise ConfigError("this run's clients held their own data on their own machines (a SuperNode data-path), "
+                          "so there is no test split here: name a file with --dataset")
+    parts = [site_split(cfg, pid, SiteSource(f))[1] for pid, f in enumerate(files)]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = TextDataset(texts=merged.texts + part.texts, labels=merged.labels + part.labels,
+                             label_names=merged.label_names,
+                             choices=None if merged.choices is None else merged.choices + part.choices,
+                             responses=None if merged.responses is None else merged.responses + part.responses)
+    return merged
 
 
 def dataset_batches(cfg: RunConfig, data: TextDataset, tokenizer_path: str | None = None) -> TensorBatches:

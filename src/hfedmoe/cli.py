@@ -69,6 +69,12 @@ _HELP = {
             "(instruction SFT, loss on response tokens; reports perplexity)",
     "classifier": "classification on a MoE checkpoint: head (new linear head), label-words (the LM's logits "
                   "of each label's first token), auto (head when transformers has one for the family)",
+    "norm_screen": "reject a client's update for the round when its norm, for any expert, the routers or the "
+                   "dense parameters, exceeds this many times the median of the round's holders (3 or more); 0: off",
+    "robust_agg": "none (the method's weighted merges), trimmed-mean or median: coordinate-wise, each expert over "
+                  "the clients that uploaded it, routers and dense over all (unweighted)",
+    "trim_fraction": "--robust-agg trimmed-mean: share of the values dropped at each end, per coordinate "
+                     "(0.25 of 4 clients: one each side)",
     "client_data": "each client's own data: one .csv/.jsonl/.parquet file per client, comma-separated (client i "
                    "reads the i-th), or a directory of such files (name order); --clients defaults to their number; "
                    "each client holds out --test-fraction of its file for --evaluation federated",

@@ -42,6 +42,7 @@ EVALUATIONS = ("auto", "server", "federated", "both")
 # What a setting added later meant in runs recorded before it existed, where that is not
 # its default (a resumed or compared older run reads its config.json with these).
 LEGACY_VALUES = {"evaluation": "server"}
+ROBUST_MERGES = ("none", "trimmed-mean", "median")  # hfedmoe.core.robust (config stays torch-free)
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")  # hfedmoe.data.files.FORMATS
 
 
@@ -74,6 +75,9 @@ class RunConfig:
     resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
     round_timeout: float = 3600.0  # seconds the server waits for replies; late clients count as failed
     max_empty_rounds: int = 3  # stop after this many rounds in a row with no usable update (0: never)
+    norm_screen: float = 10.0  # reject a client whose update norm in a group is > this x the round's median (0: off)
+    robust_agg: str = "none"  # none | trimmed-mean | median: per expert over its uploaders, routers, dense
+    trim_fraction: float = 0.25  # --robust-agg trimmed-mean: share of values dropped at each end, per coordinate
     export_every: int = 0  # also export the global model every K rounds to exports/round-K/ (0: final/ only)
     dp_epsilon: float = 0.0  # local differential privacy on uploads (0: off); see hfedmoe.fl.dp
     dp_delta: float = 1e-5
@@ -180,6 +184,7 @@ class RunConfig:
             raise ConfigError(f"--expert-agg/--gate-agg ablate HFedMoE; --method {self.method} has its own "
                               "aggregation (docs/baselines.md): leave them at hfedmoe")
         self._validate_data()
+        self._validate_robustness()
         self._validate_lora()
         self._validate_hardware()
         if self.expert_budgets is not None:
@@ -281,6 +286,18 @@ class RunConfig:
             raise ConfigError(f"--task {self.task} needs a dataset in that format: pass --dataset FILE "
                               "(csv/jsonl/parquet), a hub id such as piqa, hellaswag or cais/mmlu, or "
                               "--client-data FILES")
+
+    def _validate_robustness(self) -> None:
+        if self.robust_agg not in ROBUST_MERGES:
+            raise ConfigError(f"--robust-agg must be one of {', '.join(ROBUST_MERGES)}, got {self.robust_agg!r}")
+        screen = self.norm_screen
+        if isinstance(screen, bool) or not (isinstance(screen, (int, float)) and math.isfinite(screen)
+                                            and (screen == 0 or screen > 1)):
+            raise ConfigError(f"--norm-screen must be 0 (off) or a factor above 1 (e.g. 10: reject an update "
+                              f"10x the round's median norm), got {screen!r}")
+        trim = self.trim_fraction
+        if isinstance(trim, bool) or not (isinstance(trim, (int, float)) and 0.0 <= trim < 0.5):
+            raise ConfigError(f"--trim-fraction must lie in [0, 0.5) (share dropped at each end), got {trim!r}")
 
     def client_data_files(self) -> list[str]:
         """The files of ``--client-data``, client i's first: the list given, or the data

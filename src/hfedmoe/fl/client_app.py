@@ -134,6 +134,34 @@ def _injected_crash(partition_id: int, server_round: int) -> bool:
     return False
 
 
+def _injected_update(partition_id: int, server_round: int) -> str | None:
+    """Fault injection for tests: HFEDMOE_INJECT_UPDATE="3@1:scale" makes partition 3's
+    round-1 update 1000x its real delta; "3@*:noise" replaces it with noise of the
+    weights' scale (both finite: they pass the reply checks and must be caught by the
+    server's norm screen or robust merge)."""
+    for item in os.environ.get("HFEDMOE_INJECT_UPDATE", "").split(","):
+        if "@" in item and ":" in item:
+            pid, rest = item.split("@", 1)
+            rnd, kind = rest.split(":", 1)
+            if int(pid) == partition_id and rnd.strip() in ("*", str(server_round)):
+                return kind.strip()
+    return None
+
+
+def _destroy(tensors: dict[str, torch.Tensor], received: dict[str, torch.Tensor], kind: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            continue
+        if kind == "scale":
+            tensors[key] = received[key] + 1000.0 * (value - received[key])
+        elif kind == "noise":
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32).to(value.dtype)
+            tensors[key] = noise * value.float().std().clamp_min(1e-3).to(value.dtype)
+        else:
+            raise ValueError(f"HFEDMOE_INJECT_UPDATE: unknown kind {kind!r} (scale or noise)")
+
+
 @app.train(mods=[sparse_local_dp_mod])  # local DP on the sparse upload; a no-op unless dp_epsilon > 0
 def train(msg: Message, context: Context) -> Message:
     """One local round (hfedmoe.client_round.client_round) as a Flower reply."""
@@ -155,6 +183,8 @@ def train(msg: Message, context: Context) -> Message:
     # loaded (release_global_state), so no second copy of the model stays resident while
     # training. Local DP (sparse_local_dp_mod) needs the received values after training.
     global_state = record_to_state(msg.content["arrays"])
+    hostile = _injected_update(data.partition_id, server_round)
+    received = dict(global_state) if hostile else None  # views of the message: kept alive by this dict
     if not cfg.dp_epsilon:
         del msg.content["arrays"]
     decoded = time.perf_counter()
@@ -165,6 +195,8 @@ def train(msg: Message, context: Context) -> Message:
     memtrace("after-client-round", peak=upload.metrics.get("peak-mem-bytes", 0) / 1e6)
     if upload.failure:  # a training failure (e.g. FedAvg over budget): a flagged reply, not a crash
         return Message(content=encode_upload(upload), reply_to=msg)
+    if hostile:
+        _destroy(upload.tensors, received, hostile)
     # Where the client's time went (the benchmark subtracts it from the round's time
     # to find what the message layer costs); encode-s covers the arrays, not itself.
     content = encode_upload(upload, {"decode-s": decoded - started, "round-s": trained - decoded})

@@ -163,6 +163,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         node_config={node: budgets[pid].message_config() for node, (pid, _) in by_partition},
         expert_merge=expert_merge, router_weights=router_weights, max_empty_rounds=cfg.max_empty_rounds,
         node_partitions={node: pid for node, (pid, _) in by_partition}, participants=cfg.round_participants,
+        norm_screen=cfg.norm_screen, robust_agg=cfg.robust_agg, trim_fraction=cfg.trim_fraction,
     )
     reporter.on_start({
         "run_dir": str(recorder.dir), "clients": cfg.clients, "clients_per_round": cfg.participants_per_round(),

@@ -11,6 +11,7 @@ all through :mod:`hfedmoe.core`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
@@ -37,6 +38,7 @@ from hfedmoe.methods.merging import (
     merge_round,
     preference_weights,
 )
+from hfedmoe.core.robust import MIN_HOLDERS_TO_SCREEN, screen_by_norm, update_norm
 from hfedmoe.moe import ParamGroups
 
 
@@ -92,6 +94,9 @@ class HFedMoE(Strategy):
         router_weights: RouterWeights = preference_weights,
         node_partitions: dict[int, int] | None = None,
         participants: Callable[[int], Sequence[int]] | None = None,
+        norm_screen: float = 0.0,
+        robust_agg: str = "none",
+        trim_fraction: float = 0.25,
     ) -> None:
         if not node_budgets:
             raise ValueError("HFedMoE needs at least one client node")
@@ -120,6 +125,8 @@ class HFedMoE(Strategy):
         self.round_offset = 0
         self.max_empty_rounds = max_empty_rounds
         self._empty_streak = 0
+        self.norm_screen, self.robust_agg, self.trim_fraction = norm_screen, robust_agg, trim_fraction
+        self.local_steps = max(1, int(json.loads(run_config_json).get("local_steps", 1)))
 
     # --- training --------------------------------------------------------------------
     def configure_train(
@@ -185,6 +192,13 @@ class HFedMoE(Strategy):
             except ReplyError as err:
                 log(WARNING, "round %d: dropping a reply: %s", server_round, err)
                 failures.append({"node_id": msg.metadata.src_node_id, "reason": str(err)})
+        rejected = self.screen(updates)  # finite but destructive updates: out of proportion with the others
+        for c, reason in sorted(rejected.items()):
+            r = updates[c]
+            log(WARNING, "round %d: rejecting the update of node %d: %s", server_round, r.node_id, reason)
+            failures.append({"node_id": r.node_id, "id": r.upload.partition_id, "kind": "rejected-update",
+                             "reason": f"update rejected: {reason}"})
+        updates = [r for c, r in enumerate(updates) if c not in rejected]
         info = self.round_info.setdefault(server_round, {})
         parsed = time.perf_counter()
         # Where the server's time went in this round (seconds); see hfedmoe.bench.
@@ -239,6 +253,34 @@ class HFedMoE(Strategy):
         # Read-only views of the record's bytes (no copy); nothing here modifies them.
         return record_to_state(arrays)
 
+    def screen(self, received: list[ReceivedUpload]) -> dict[int, str]:
+        """Index -> reason of the uploads to reject: an update norm, per expert or for the
+        routers or the dense parameters, above ``norm_screen`` x the median of the round's
+        holders (:func:`hfedmoe.core.robust.screen_by_norm`; groups with < 3 holders unjudged).
+
+        Each norm is per local step that trained the group (the batches that selected the
+        expert; the round's steps for routers and dense), because AdamW moves a weight by
+        about the learning rate per step: an expert trained in 10 batches by one client
+        and in 1 by another is not an anomaly. The step counts a client reports are
+        capped at the run's ``local_steps``, so claiming more cannot hide a large update.
+        """
+        if self.norm_screen <= 0 or len(received) < MIN_HOLDERS_TO_SCREEN:
+            return {}
+        groups, norms = self.groups, {}
+        for c, r in enumerate(received):
+            u = r.upload
+            steps = min(self.local_steps, max(1, int(u.metrics.get("local-steps", self.local_steps))))
+            norms.setdefault("the dense parameters", {})[c] = update_norm(u.dense(groups), self._current) / steps
+            norms.setdefault("the routers", {})[c] = update_norm(u.routers(groups), self._current) / steps
+            by_expert: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+            for key, value in u.experts(groups).items():
+                by_expert.setdefault(groups.expert_of[key], {})[key] = value
+            for (layer, expert), tensors in by_expert.items():
+                trained = min(self.local_steps, max(1, int(u.selection_counts[layer, expert])))
+                norms.setdefault(f"expert {expert} of layer {layer}", {})[c] = \
+                    update_norm(tensors, self._current) / trained
+        return screen_by_norm(norms, self.norm_screen)
+
     def aggregate(self, received: list[ReceivedUpload]) -> dict[str, torch.Tensor]:
         """The new global state from validated uploads: experts by the method's merge
         (Eq. 17 for HFedMoE), routers weighted by its alpha (Eq. 18-21), dense FedAvg."""
@@ -250,6 +292,7 @@ class HFedMoE(Strategy):
             [u.dense(groups) for u in uploads],
             torch.stack([u.usage for u in uploads]), torch.stack([u.importance for u in uploads]),
             [u.num_examples for u in uploads], self.expert_merge, self.router_weights, self.tau, self.gate_normalize,
+            robust=self.robust_agg, expert_of=groups.expert_of, trim_fraction=self.trim_fraction,
         )
         return {**state, "__alpha__": alpha}
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from hfedmoe import core
+from hfedmoe.core.robust import robust_experts, robust_merge
 
 # merge(previous experts, each client's uploaded experts, num_examples) -> new experts
 ExpertMerge = Callable[[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[int]], dict[str, torch.Tensor]]
@@ -60,6 +61,9 @@ def merge_round(
     router_weights: RouterWeights = preference_weights,
     tau: float = 0.05,
     normalize: bool = True,
+    robust: str = "none",
+    expert_of: dict[str, tuple[int, int]] | None = None,
+    trim_fraction: float = 0.25,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One round's new global state from the clients' uploads, and the router weights alpha.
 
@@ -78,9 +82,23 @@ def merge_round(
         Per client u_c (Eq. 16) and mean s^c.
     num_examples : list of int
         |D_c| per client.
+    robust : str
+        ``"none"``, or ``"trimmed-mean"`` / ``"median"`` (:mod:`hfedmoe.core.robust`):
+        then each expert is merged coordinate-wise over its uploaders, and routers and
+        dense parameters over every client, in place of the method's weighted merges
+        (alpha is still computed and returned, for the record).
+    expert_of : dict
+        Expert tensor key -> (layer, expert); needed with ``robust``.
     """
-    merged_experts = expert_merge(previous_experts, experts, num_examples)
     alpha = router_weights(usage, importance, num_examples, tau, normalize)
+    if robust != "none":
+        if expert_of is None:
+            raise ValueError("a robust merge needs expert_of (expert tensor key -> (layer, expert))")
+        merged_experts = robust_experts(previous_experts, experts, expert_of, robust, trim_fraction)
+        merged_routers = robust_merge(routers, robust, trim_fraction)
+        merged_dense = robust_merge(dense, robust, trim_fraction)
+        return {**merged_dense, **merged_routers, **merged_experts}, alpha
+    merged_experts = expert_merge(previous_experts, experts, num_examples)
     merged_routers = core.aggregate_gates(routers, alpha)
     merged_dense = core.fedavg(dense, num_examples)
     return {**merged_dense, **merged_routers, **merged_experts}, alpha

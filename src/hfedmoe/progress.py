@@ -34,6 +34,7 @@ class RichReporter:
             f"expert budgets {info['budgets']}"
             + (f", memory budgets {[f'{m / 1e6:.0f} MB' for m in info['mem_budgets']]}"
                if any(info.get("mem_budgets") or []) else "")
+            + (f"\ndata: {info['client_data']}, evaluation {info['evaluation']}" if "evaluation" in info else "")
             + f"\nrun directory: {info['run_dir']}"
         )
         self.progress.start()

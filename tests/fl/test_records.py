@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+import hfedmoe.fl.records as records_module
 from hfedmoe import core
 from hfedmoe.config import RunConfig
 from hfedmoe.client_round import ClientUpload
@@ -526,3 +528,28 @@ def test_a_bfloat16_array_whose_data_is_not_16_bit_is_refused():
     array.dtype = "bfloat16"  # ... claiming to be bfloat16
     with pytest.raises(ValueError, match="bfloat16 array must hold int16"):
         array_to_tensor(array)
+
+
+@pytest.mark.parametrize("kind", ["oversized", "mistyped"])
+def test_an_oversized_or_mistyped_tensor_is_refused_without_being_copied(tiny, monkeypatch, kind):
+    """The shape and dtype are read from the .npy header and checked against the global
+    model while the tensor is still a view of the message's bytes: nothing is copied."""
+    groups, state = tiny
+    parts = reply_content(groups, perturbed(state, 1), [(0, 0)])
+    key = groups.dense[0]
+    parts["arrays"][key] = torch.zeros(1000, *state[key].shape) if kind == "oversized" \
+        else state[key].to(torch.float64)
+    msg = to_reply(instruction(NODE_B), parts)
+    views = []
+    real = records_module.array_to_tensor
+
+    def watched(array):
+        tensor = real(array)
+        start = np.frombuffer(array.data, dtype=np.uint8).ctypes.data
+        views.append(start <= tensor.data_ptr() < start + len(array.data))
+        return tensor
+
+    monkeypatch.setattr(records_module, "array_to_tensor", watched)
+    with pytest.raises(ReplyError, match="has shape \\(1000," if kind == "oversized" else "has dtype torch.float64"):
+        parse_upload(msg, groups, state)
+    assert views and all(views), "a received tensor was copied before it was checked"

@@ -9,7 +9,7 @@ case and a JSON list last.
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/hostile_updates.py [--rounds 1]
+    PYTHONPATH=src python benchmarks/hostile_updates.py [--rounds 1] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import os
 import tempfile
 import time
 
-CASES = [  # (name, injected update, settings)
+CASES = [  # (name, injected update, settings); "crash" = the round without client 3
     ("honest, default (norm screen 10x)", "", {}),
+    ("client 3 absent (crashed)", "crash", {}),
     ("scale, norm screen", "3@*:scale", {}),
     ("noise, norm screen", "3@*:noise", {}),
     ("scale, no defence", "3@*:scale", {"norm_screen": 0}),
@@ -35,13 +36,17 @@ CASES = [  # (name, injected update, settings)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
     args = parser.parse_args()
     from hfedmoe.config import RunConfig
     from hfedmoe.fl.inprocess import run_inprocess
 
     results = []
     for name, inject, settings in CASES:
-        os.environ["HFEDMOE_INJECT_UPDATE"] = inject
+        if args.only not in name:
+            continue
+        os.environ["HFEDMOE_INJECT_UPDATE"] = "" if inject == "crash" else inject
+        os.environ["HFEDMOE_INJECT_CRASH"] = "3@*" if inject == "crash" else ""
         with tempfile.TemporaryDirectory() as out:
             cfg = RunConfig(rounds=args.rounds, out=out + "/run", **settings).validate()
             started = time.perf_counter()

@@ -553,3 +553,25 @@ def test_an_oversized_or_mistyped_tensor_is_refused_without_being_copied(tiny, m
     with pytest.raises(ReplyError, match="has shape \\(1000," if kind == "oversized" else "has dtype torch.float64"):
         parse_upload(msg, groups, state)
     assert views and all(views), "a received tensor was copied before it was checked"
+
+
+def test_a_reply_to_an_earlier_round_or_another_run_is_refused(tiny):
+    groups, state = tiny
+    strategy = make_strategy(groups)
+    round1, (a_state, a), (b_state, b) = _round(groups, state, strategy, server_round=1)
+    round2, _, _ = _round(groups, state, strategy, server_round=2)
+    late = to_reply(round1[NODE_A], a)  # node A's answer to round 1, arriving in round 2
+    saved = TaskIdentity._run_id
+    TaskIdentity.run_id = saved + 1  # a client of another run
+    try:
+        foreign = to_reply(Message(content=RecordDict({}), dst_node_id=NODE_C, message_type=MessageType.TRAIN,
+                                   group_id="2"), a)
+    finally:
+        TaskIdentity.run_id = saved
+    strategy.aggregate_train(2, [late, foreign, to_reply(round2[NODE_B], b)])
+    failures = strategy.round_info[2]["failures"]
+    stale = [f for f in failures if f.get("kind") == "stale-reply"]
+    assert [f["node_id"] for f in stale] == [NODE_A, NODE_C]
+    assert "answers round 1, not round 2" in stale[0]["reason"]
+    assert f"belongs to run {saved + 1}" in stale[1]["reason"]
+    assert [c["node_id"] for c in strategy.round_info[2]["clients"]] == [NODE_B]  # only B's update is merged

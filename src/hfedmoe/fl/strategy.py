@@ -118,6 +118,7 @@ class HFedMoE(Strategy):
         self._last_record: ArrayRecord | None = None
         self._last_state: dict[str, torch.Tensor] = {}
         self._round_started = self._configured = 0.0
+        self._run_id: int | None = None  # of the messages this strategy sends
         # Per-round facts the run recorder reads after aggregation.
         self.round_info: dict[int, dict] = {}
         # A resumed run continues after checkpointed round k: Flower counts from 1
@@ -147,7 +148,10 @@ class HFedMoE(Strategy):
                 node_config[key] = value
             node_config["run-config"] = self.run_config_json
             content = RecordDict({"arrays": arrays, "config": node_config})
-            messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+            # group id = the round: a reply carries it back, so one to an earlier round is recognised
+            messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
+        self._run_id = messages[0].metadata.run_id if messages else None
         self._configured = time.perf_counter()
         self.round_info[server_round] = {
             "bytes_down": record_nbytes(arrays) * len(messages),
@@ -177,6 +181,12 @@ class HFedMoE(Strategy):
         updates: list[ReceivedUpload] = []
         failures: list[dict] = []
         replies = list(replies)
+        stale = [msg for msg in replies if self._stale_reason(msg, server_round)]
+        for msg in stale:  # for an earlier round or another run: never merged, never counted as this round's
+            reason = self._stale_reason(msg, server_round)
+            log(WARNING, "round %d: refusing a reply of node %d: %s", server_round, msg.metadata.src_node_id, reason)
+            failures.append({"node_id": msg.metadata.src_node_id, "kind": "stale-reply", "reason": reason})
+        replies = [msg for msg in replies if not self._stale_reason(msg, server_round)]
         answered = {msg.metadata.src_node_id for msg in replies}
         for node in self._sampled:  # an unsampled node was sent nothing: not a failure
             if node not in answered:  # crashed, or slower than the round timeout
@@ -295,6 +305,14 @@ class HFedMoE(Strategy):
             robust=self.robust_agg, expert_of=groups.expert_of, trim_fraction=self.trim_fraction,
         )
         return {**state, "__alpha__": alpha}
+
+    def _stale_reason(self, msg: Message, server_round: int) -> str | None:
+        """Why ``msg`` is no reply to this round's instructions (None: it is one)."""
+        if self._run_id is not None and msg.metadata.run_id != self._run_id:
+            return f"the reply belongs to run {msg.metadata.run_id}, not this run {self._run_id}"
+        if msg.metadata.group_id != str(server_round):
+            return f"the reply answers round {msg.metadata.group_id or '?'}, not round {server_round}"
+        return None
 
     @staticmethod
     def _training_failure(msg: Message) -> dict:

@@ -247,6 +247,19 @@ def parse_mem_budgets(text: str | None, nodes: int) -> list[str | None]:
     return budgets
 
 
+KILL_DELAY_S = 4.0  # --kill-node: seconds into the round
+
+
+def parse_kill_node(text: str | None, nodes: int) -> tuple[int, int] | None:
+    """--kill-node I@R: SuperNode I is killed a few seconds into round R."""
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+)@(\d+)", text.strip())
+    if not m or not 0 <= int(m.group(1)) < nodes or int(m.group(2)) < 1:
+        raise ValueError(f"--kill-node takes NODE@ROUND with NODE in 0..{nodes - 1} and ROUND >= 1, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def parse_node_data(text: str | None, nodes: int) -> list[str | None]:
     """--node-data: one data file per SuperNode (absolute paths; each node reads only its own)."""
     if not text:
@@ -297,6 +310,8 @@ class Deployment:
         self.superlink: subprocess.Popen | None = None
         self.superlink_log = self.logs / "superlink.log"
         self.supernodes: list[tuple[subprocess.Popen, Path]] = []  # (process, its log)
+        self.node_configs: list[str] = []
+        self.killed: set[int] = set()  # SuperNodes killed on purpose (--kill-node), not a failure
 
     # -- certificates
     def make_certs(self) -> None:
@@ -413,6 +428,7 @@ class Deployment:
             if files[i]:  # the node's own data: only this SuperNode's ClientApp reads it
                 node_config += f' data-path="{files[i]}"' + (f" {columns}" if columns else "")
             configs.append(node_config)
+            self.node_configs.append(node_config)
             self.supernodes.append((self.procs.start(f"supernode-{i}", self.supernode_command(i, node_config)),
                                     self.logs / f"supernode-{i}.log"))
         for i, node_config in enumerate(configs):
@@ -455,8 +471,29 @@ class Deployment:
             log = self.superlink_log
             raise DeploymentError(f"the SuperLink exited (code {self.superlink.returncode}); log {log}:\n{tail(log)}")
         for i, (node, log) in enumerate(self.supernodes):
-            if node.poll() is not None:
+            if node.poll() is not None and i not in self.killed:
                 raise DeploymentError(f"SuperNode {i} exited (code {node.returncode}); log {log}:\n{tail(log)}")
+
+    # -- faults (--kill-node)
+    def kill_node(self, i: int) -> None:
+        """SIGKILL SuperNode ``i`` and every process below it (its ClientApp, mid-round)."""
+        proc, _ = self.supernodes[i]
+        tree = _descendants({proc.pid}) | {proc.pid}
+        for pid in sorted(tree):
+            _signal(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        self.killed.add(i)
+        say(f"killed SuperNode {i} (SIGKILL, PIDs {' '.join(map(str, sorted(tree)))})")
+
+    def restart_node(self, i: int) -> None:
+        name = f"supernode-{i}-restarted"
+        proc = self.procs.start(name, self.supernode_command(i, self.node_configs[i]))
+        log = self.logs / f"{name}.log"
+        if not wait_for_log(proc, log, r"Uvicorn running on", timeout=120):
+            raise DeploymentError(f"restarted SuperNode {i} did not start; log {log}:\n{tail(log)}")
+        self.supernodes[i] = (proc, log)
+        self.killed.discard(i)
+        say(f"restarted SuperNode {i} (PID {proc.pid}, node config: {self.node_configs[i]})")
 
     # -- the run
     def run(self, out: Path) -> dict:
@@ -469,6 +506,8 @@ class Deployment:
         say(f"flwr run {self.args.app} {CONNECTION} --run-config \"{' '.join(run_config)}\" --stream")
         proc = self.procs.start("flwr-run", cmd, pipe=True)
         run_id: list[str] = []
+        kill = parse_kill_node(self.args.kill_node, self.args.nodes)
+        round_started: dict[int, float] = {}  # round -> when its "[ROUND r/R]" line came
 
         def pump() -> None:  # stream Flower's log to the console and to flwr-run.log
             with (self.logs / "flwr-run.log").open("a") as log:
@@ -478,6 +517,8 @@ class Deployment:
                     log.flush()
                     if not run_id and (m := re.search(r"Successfully started run (\d+)", line)):
                         run_id.append(m.group(1))
+                    if m := re.search(r"\[ROUND (\d+)/\d+\]", line):
+                        round_started.setdefault(int(m.group(1)), time.monotonic())
                     if not self.args.quiet:
                         sys.stdout.write("  | " + line)
                         sys.stdout.flush()
@@ -489,6 +530,11 @@ class Deployment:
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 raise DeploymentError(f"the run did not finish within {self.args.timeout:.0f}s (--timeout)")
+            if kill and kill[1] in round_started and time.monotonic() > round_started[kill[1]] + KILL_DELAY_S:
+                self.kill_node(kill[0])  # a few seconds into the round: the node holds its instruction
+                if self.args.restart_killed:
+                    self.restart_node(kill[0])
+                kill = None
             self.check_alive()
             self.procs.remember_children()
             time.sleep(0.5)
@@ -536,6 +582,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "node i trains on partition i of the run's dataset")
     p.add_argument("--node-columns", default="",
                    help="column names of the --node-data files, e.g. 'text-column=body label-column=topic'")
+    p.add_argument("--kill-node", default=None,
+                   help="fault injection: SIGKILL SuperNode I (and its ClientApp) a few seconds into round R, "
+                        "as I@R; the round completes with the others within the run config's round-timeout")
+    p.add_argument("--restart-killed", action="store_true",
+                   help="with --kill-node: start the killed SuperNode again at once (same node config); the "
+                        "server gives it its partition back in the next round")
     p.add_argument("--out", default=None, help="run directory (default: runs/deploy-<timestamp>)")
     p.add_argument("--certs", default=None,
                    help="certificate directory (created with scripts/gen_certs.sh if missing; default: in --workdir)")
@@ -550,6 +602,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--nodes must be at least 1")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.restart_killed and not args.kill_node:
+        p.error("--restart-killed restarts the node of --kill-node: give --kill-node I@R")
     if args.auth and args.insecure:
         p.error("--auth needs TLS (Flower refuses SuperNode authentication without it): drop --insecure")
     if bad := run_config_keys(args.run_config) & set(RESERVED_RUN_CONFIG):
@@ -558,6 +612,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parse_mem_budgets(args.mem_budgets, args.nodes)
         parse_node_data(args.node_data, args.nodes)
         parse_node_columns(args.node_columns)
+        parse_kill_node(args.kill_node, args.nodes)
     except ValueError as err:
         p.error(str(err))
     args.out = Path(args.out or ROOT / "runs" / time.strftime("deploy-%Y%m%d-%H%M%S")).resolve()

@@ -136,6 +136,34 @@ def test_supernode_authentication(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_supernode_killed_mid_round_is_survived_and_picked_up_again(tmp_path):
+    """SIGKILL of SuperNode 1 (and its ClientApp) a few seconds into round 1: the round
+    completes with the other two within round-timeout, the loss is in metrics.jsonl;
+    the node, restarted at once, gets a new node id and its partition back in round 2."""
+    marker = new_marker()
+    try:
+        cmd = [sys.executable, str(LAUNCHER), "--nodes", "3", "--rounds", "2", "--run-config",
+               SMALL + " round-timeout=150", "--out", str(tmp_path / "run"), "--workdir", str(tmp_path / "work"),
+               "--kill-node", "1@1", "--restart-killed", "--timeout", "780"]
+        proc = subprocess.run(cmd, env=_env(marker), cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        time.sleep(0.5)
+        assert marked_pids(marker) == [], "the launcher left processes behind"
+    finally:
+        stop_marked(marker)
+    assert "killed SuperNode 1 (SIGKILL" in proc.stdout and "restarted SuperNode 1" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [f["id"] for f in rows[1]["failures"]] == [1]
+    assert sorted(c["id"] for c in rows[1]["clients"]) == [0, 2]
+    assert sorted(c["id"] for c in rows[2]["clients"]) == [0, 1, 2] and rows[2]["failures"] == []
+    lost_node = rows[1]["failures"][0]["node_id"]
+    assert {c["id"]: c["node_id"] for c in rows[2]["clients"]}[1] != lost_node  # a new node id, same partition
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["failed_client_rounds"] == 1
+
+
+@pytest.mark.e2e
 def test_interrupted_deployment_stops_every_process(tmp_path):
     """Ctrl-C (SIGINT) in the middle of a run: the launcher stops everything it started and exits 130."""
     marker = new_marker()

@@ -437,7 +437,7 @@ def test_aggregate_train_sparse_experts_dense_and_routers(tiny):
     alpha = _check_two_client_aggregate(groups, state, arrays.to_torch_state_dict(), a_state, b_state)
     info = strategy.round_info[1]
     # Node C was asked to train but never answered: recorded as a failed client-round.
-    assert info["failures"] == [{"node_id": NODE_C, "reason": "no reply within the round timeout"}]
+    assert info["failures"] == [{"node_id": NODE_C, "id": -1, "reason": "no reply within the round timeout"}]
     assert info["alpha"] == pytest.approx(alpha.tolist())
     assert [row["node_id"] for row in info["clients"]] == [NODE_A, NODE_B]
     assert [row["num_examples"] for row in info["clients"]] == [30, 10]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -164,6 +164,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         expert_merge=expert_merge, router_weights=router_weights, max_empty_rounds=cfg.max_empty_rounds,
         node_partitions={node: pid for node, (pid, _) in by_partition}, participants=cfg.round_participants,
         norm_screen=cfg.norm_screen, robust_agg=cfg.robust_agg, trim_fraction=cfg.trim_fraction,
+        identify_nodes=lambda g, nodes: identify_nodes(g, nodes, cfg),
     )
     reporter.on_start({
         "run_dir": str(recorder.dir), "clients": cfg.clients, "clients_per_round": cfg.participants_per_round(),
@@ -188,7 +189,8 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         state = strategy.state_of(arrays)
         federated = None
         if evaluation in ("federated", "both"):
-            federated = federated_evaluate(grid, partitions, arrays, cfg.to_json(), server_round, cfg.round_timeout)
+            federated = federated_evaluate(grid, dict(strategy.node_partitions), arrays, cfg.to_json(), server_round,
+                                           cfg.round_timeout)
         access.load_state_dict(state, strict=True)
         if test is not None:
             scores = evaluate(model, test, task=cfg.task)
@@ -272,7 +274,20 @@ def agree_labels(cfg: RunConfig, reports: dict[int, NodeReport]) -> None:
     cfg.labels = agreed
 
 
-def federated_evaluate(grid: Grid, partitions: dict[int, tuple[int, int]], arrays: ArrayRecord,
+def identify_nodes(grid: Grid, nodes: list[int], cfg: RunConfig) -> dict[int, int]:
+    """Node id -> partition id of nodes that connected after the start (a restarted
+    SuperNode); a node that does not answer within a minute, or reports another
+    federation's num-partitions, is left out (asked again next round)."""
+    try:
+        reports = _query(grid, nodes, min(60.0, cfg.round_timeout), cfg.to_json())
+    except RuntimeError as err:
+        log(WARNING, "hfedmoe: a new node did not identify itself: %s", err)
+        return {}
+    return {node: r.partition_id for node, r in reports.items()
+            if r.num_partitions == cfg.clients and 0 <= r.partition_id < cfg.clients}
+
+
+def federated_evaluate(grid: Grid, node_partitions: dict[int, int], arrays: ArrayRecord,
                        run_config_json: str, server_round: int, timeout_s: float) -> dict:
     """Every client scores the global model on its held-out data; the server pools the
     scores, weighted by what each client scored (examples; response tokens for causal-lm).
@@ -282,13 +297,13 @@ def federated_evaluate(grid: Grid, partitions: dict[int, tuple[int, int]], array
     """
     config = ConfigRecord({"run-config": run_config_json, "server-round": server_round})
     messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                        message_type=MessageType.EVALUATE) for node in sorted(partitions)]
+                        message_type=MessageType.EVALUATE) for node in sorted(node_partitions)]
     answered, failures = [], []
     weight = correct = loss = 0.0
     examples = 0
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     for reply in replies:
-        pid = partitions[reply.metadata.src_node_id][0]
+        pid = node_partitions[reply.metadata.src_node_id]
         if reply.has_error():
             failures.append(f"partition {pid}: {reply.error.reason}"[:300])
             continue

@@ -97,6 +97,7 @@ class HFedMoE(Strategy):
         norm_screen: float = 0.0,
         robust_agg: str = "none",
         trim_fraction: float = 0.25,
+        identify_nodes: Callable[[Grid, list[int]], dict[int, int]] | None = None,
     ) -> None:
         if not node_budgets:
             raise ValueError("HFedMoE needs at least one client node")
@@ -119,6 +120,7 @@ class HFedMoE(Strategy):
         self._last_state: dict[str, torch.Tensor] = {}
         self._round_started = self._configured = 0.0
         self._run_id: int | None = None  # of the messages this strategy sends
+        self._sent: list[Message] = []
         # Per-round facts the run recorder reads after aggregation.
         self.round_info: dict[int, dict] = {}
         # A resumed run continues after checkpointed round k: Flower counts from 1
@@ -128,6 +130,9 @@ class HFedMoE(Strategy):
         self._empty_streak = 0
         self.norm_screen, self.robust_agg, self.trim_fraction = norm_screen, robust_agg, trim_fraction
         self.local_steps = max(1, int(json.loads(run_config_json).get("local_steps", 1)))
+        # new node id -> its partition id, for nodes that connect after the start (a
+        # restarted SuperNode gets a new node id); None: the nodes never change
+        self.identify_nodes = identify_nodes
 
     # --- training --------------------------------------------------------------------
     def configure_train(
@@ -137,6 +142,8 @@ class HFedMoE(Strategy):
         server_round += self.round_offset
         self._round_started = time.perf_counter()
         self.set_global_state(self.state_of(arrays))
+        if self.identify_nodes is not None:
+            self.pick_up_returning_nodes(grid, server_round)
         self._sampled = self.sampled_nodes(server_round)
         messages = []
         for node_id in self._sampled:
@@ -152,6 +159,7 @@ class HFedMoE(Strategy):
             messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
         self._run_id = messages[0].metadata.run_id if messages else None
+        self._sent = messages  # the grid gives each its message id when it sends them
         self._configured = time.perf_counter()
         self.round_info[server_round] = {
             "bytes_down": record_nbytes(arrays) * len(messages),
@@ -162,6 +170,32 @@ class HFedMoE(Strategy):
         log(INFO, "configure_train: %d clients, budgets %s", len(messages),
             [self.node_budgets[n] for n in self._sampled])
         return messages
+
+    def pick_up_returning_nodes(self, grid: Grid, server_round: int) -> None:
+        """A SuperNode that was lost and restarted connects under a new node id: ask every
+        unknown node for its partition and give it that partition's place (budget, node
+        config, sampling), so it trains again from this round on."""
+        unknown = sorted(set(grid.get_node_ids()) - set(self.node_budgets))
+        if not unknown:
+            return
+        by_partition = {pid: node for node, pid in self.node_partitions.items()}
+        for new, pid in sorted(self.identify_nodes(grid, unknown).items()):
+            old = by_partition.get(pid)
+            if old is None:
+                log(WARNING, "round %d: node %d reports partition %d, which this run does not have; ignored",
+                    server_round, new, pid)
+                continue
+            self.rebind_node(old, new)
+            by_partition[pid] = new
+            log(INFO, "round %d: partition %d is back on node %d (was node %d)", server_round, pid, new, old)
+
+    def rebind_node(self, old: int, new: int) -> None:
+        """Give node ``new`` everything node ``old`` had (its place in node_budgets' order)."""
+        self.node_budgets = {new if n == old else n: b for n, b in self.node_budgets.items()}
+        if old in self.node_config:
+            self.node_config[new] = self.node_config.pop(old)
+        if old in self.node_partitions:
+            self.node_partitions[new] = self.node_partitions.pop(old)
 
     def sampled_nodes(self, server_round: int) -> list[int]:
         """The node ids that take part in (absolute) ``server_round``, in node_budgets' order."""
@@ -185,15 +219,28 @@ class HFedMoE(Strategy):
         for msg in stale:  # for an earlier round or another run: never merged, never counted as this round's
             reason = self._stale_reason(msg, server_round)
             log(WARNING, "round %d: refusing a reply of node %d: %s", server_round, msg.metadata.src_node_id, reason)
-            failures.append({"node_id": msg.metadata.src_node_id, "kind": "stale-reply", "reason": reason})
+            failures.append({"node_id": msg.metadata.src_node_id, "id": self.node_partitions.get(msg.metadata.src_node_id, -1),
+                             "kind": "stale-reply", "reason": reason})
         replies = [msg for msg in replies if not self._stale_reason(msg, server_round)]
-        answered = {msg.metadata.src_node_id for msg in replies}
+        # An error reply the SuperLink writes for a node (e.g. "Node Unavailable" after missed
+        # heartbeats) comes from the SuperLink: find the node from the message it answers.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        node_of = {id(msg): sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+                   for msg in replies}
+        answered = set(node_of.values())
         for node in self._sampled:  # an unsampled node was sent nothing: not a failure
             if node not in answered:  # crashed, or slower than the round timeout
-                failures.append({"node_id": node, "reason": "no reply within the round timeout"})
+                failures.append({"node_id": node, "id": self.node_partitions.get(node, -1),
+                                 "reason": "no reply within the round timeout"})
                 log(WARNING, "round %d: node %d sent no reply in time", server_round, node)
         for msg in replies:
-            if not msg.has_error() and "failure" in msg.content:  # the client could not train (e.g. FedAvg over budget)
+            if msg.has_error():
+                node = node_of[id(msg)]
+                failures.append({"node_id": node, "id": self.node_partitions.get(node, -1),
+                                 "reason": f"client on node {node} failed: {msg.error.reason}"})
+                log(WARNING, "round %d: %s", server_round, failures[-1]["reason"])
+                continue
+            if "failure" in msg.content:  # the client could not train (e.g. FedAvg over budget)
                 failures.append(self._training_failure(msg))
                 log(INFO, "round %d: %s", server_round, failures[-1]["reason"])  # expected under this method
                 continue
@@ -201,7 +248,8 @@ class HFedMoE(Strategy):
                 updates.append(parse_upload(msg, self.groups, self._current))
             except ReplyError as err:
                 log(WARNING, "round %d: dropping a reply: %s", server_round, err)
-                failures.append({"node_id": msg.metadata.src_node_id, "reason": str(err)})
+                failures.append({"node_id": msg.metadata.src_node_id,
+                                 "id": self.node_partitions.get(msg.metadata.src_node_id, -1), "reason": str(err)})
         rejected = self.screen(updates)  # finite but destructive updates: out of proportion with the others
         for c, reason in sorted(rejected.items()):
             r = updates[c]

@@ -250,6 +250,14 @@ def parse_mem_budgets(text: str | None, nodes: int) -> list[str | None]:
 KILL_DELAY_S = 4.0  # --kill-node: seconds into the round
 
 
+def checkpointed_round(out: Path) -> int:
+    """The last round whose checkpoint is on disk (0: none yet)."""
+    try:
+        return int(json.loads((out / "checkpoints" / "latest.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def parse_kill_node(text: str | None, nodes: int) -> tuple[int, int] | None:
     """--kill-node I@R: SuperNode I is killed a few seconds into round R."""
     if not text:
@@ -328,19 +336,25 @@ class Deployment:
             + (f", {nodes} SuperNode key pairs" if nodes else "") + ")")
 
     # -- SuperLink
+    def superlink_command(self) -> list[str]:
+        cmd = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
+        if self.args.kill_server_after:  # state on disk, so a restarted SuperLink knows the SuperNodes
+            cmd += ["--database", str(self.work / "superlink.db")]
+        if self.certs is None:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                    "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key")]
+        if self.args.auth:
+            cmd.append("--enable-supernode-auth")
+        return cmd
+
     def start_superlink(self) -> None:
         for attempt in range(3):  # a free port can be taken by someone else before we bind it
             self.port = free_port()
-            cmd = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--disable-runtime-dependency-installation"]
-            if self.certs is None:
-                cmd.append("--insecure")
-            else:
-                cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
-                        "--ssl-certfile", str(self.certs / "server.pem"),
-                        "--ssl-keyfile", str(self.certs / "server.key")]
-            if self.args.auth:
-                cmd.append("--enable-supernode-auth")
+            cmd = self.superlink_command()
             name = f"superlink-{attempt}" if attempt else "superlink"
             say(f"starting SuperLink on 127.0.0.1:{self.port}" + (" (TLS" if self.certs else " (insecure")
                 + (", SuperNode auth)" if self.args.auth else ")"))
@@ -495,18 +509,51 @@ class Deployment:
         self.killed.discard(i)
         say(f"restarted SuperNode {i} (PID {proc.pid}, node config: {self.node_configs[i]})")
 
+    # -- the server's loss (--kill-server-after)
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and everything below it (its SuperExec and the ServerApp)."""
+        tree = _descendants({self.superlink.pid}) | {self.superlink.pid}
+        for pid in sorted(tree):
+            _signal(pid, signal.SIGKILL)
+        self.superlink.wait(timeout=10)
+        say(f"killed the SuperLink and the ServerApp (SIGKILL, PIDs {' '.join(map(str, sorted(tree)))})")
+
+    def restart_superlink(self) -> None:
+        """The SuperLink again, on the same port and database: the SuperNodes reconnect."""
+        name = "superlink-restarted"
+        proc = self.procs.start(name, self.superlink_command())
+        log = self.logs / f"{name}.log"
+        if not wait_for_log(proc, log, r"Uvicorn running on", timeout=120):
+            raise DeploymentError(f"the restarted SuperLink did not start; log {log}:\n{tail(log)}")
+        self.superlink, self.superlink_log = proc, log
+        say(f"restarted the SuperLink on 127.0.0.1:{self.port} (PID {proc.pid})")
+        self.wait_nodes_online()
+
     # -- the run
     def run(self, out: Path) -> dict:
-        run_config = [f"num-server-rounds={self.args.rounds} out='{out}'"]
+        """``flwr run`` to the end; with --kill-server-after K, the SuperLink and ServerApp
+        are killed once round K is checkpointed, restarted, and the run resumed."""
+        kill_after = self.args.kill_server_after
+        if kill_after:
+            if self.flwr_run(out, stop_after_round=kill_after) is not None:
+                raise DeploymentError(f"the run ended before round {kill_after} was checkpointed")
+            self.kill_superlink()
+            self.restart_superlink()
+        return self.flwr_run(out, resume=bool(kill_after))
+
+    def flwr_run(self, out: Path, resume: bool = False, stop_after_round: int = 0) -> dict | None:
+        """One ``flwr run``: its summary, or None once ``stop_after_round`` is checkpointed
+        (the run is left running for the caller to kill)."""
+        run_config = [f"num-server-rounds={self.args.rounds} out='{out}'" + (" resume=true" if resume else "")]
         if self.args.run_config:
             run_config.append(self.args.run_config)
         cmd = [flower_bin("flwr"), "run", str(self.args.app), CONNECTION, "--stream"]
         for rc in run_config:
             cmd += ["--run-config", rc]
         say(f"flwr run {self.args.app} {CONNECTION} --run-config \"{' '.join(run_config)}\" --stream")
-        proc = self.procs.start("flwr-run", cmd, pipe=True)
+        proc = self.procs.start("flwr-run-resumed" if resume else "flwr-run", cmd, pipe=True)
         run_id: list[str] = []
-        kill = parse_kill_node(self.args.kill_node, self.args.nodes)
+        kill = parse_kill_node(self.args.kill_node, self.args.nodes) if not resume else None
         round_started: dict[int, float] = {}  # round -> when its "[ROUND r/R]" line came
 
         def pump() -> None:  # stream Flower's log to the console and to flwr-run.log
@@ -535,6 +582,11 @@ class Deployment:
                 if self.args.restart_killed:
                     self.restart_node(kill[0])
                 kill = None
+            if stop_after_round and checkpointed_round(out) >= stop_after_round:
+                say(f"round {checkpointed_round(out)} is checkpointed")
+                proc.kill()  # the CLI's stream only; the SuperLink and ServerApp go next
+                proc.wait(timeout=10)
+                return None
             self.check_alive()
             self.procs.remember_children()
             time.sleep(0.5)
@@ -588,6 +640,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart-killed", action="store_true",
                    help="with --kill-node: start the killed SuperNode again at once (same node config); the "
                         "server gives it its partition back in the next round")
+    p.add_argument("--kill-server-after", type=int, default=0,
+                   help="fault injection: once round K is checkpointed, SIGKILL the SuperLink and the ServerApp, "
+                        "restart the SuperLink (same port, its state in a database file) and resume the run")
     p.add_argument("--out", default=None, help="run directory (default: runs/deploy-<timestamp>)")
     p.add_argument("--certs", default=None,
                    help="certificate directory (created with scripts/gen_certs.sh if missing; default: in --workdir)")
@@ -602,6 +657,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--nodes must be at least 1")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if not 0 <= args.kill_server_after < args.rounds:
+        p.error(f"--kill-server-after must lie in [1, --rounds - 1] (0: off), got {args.kill_server_after}")
     if args.restart_killed and not args.kill_node:
         p.error("--restart-killed restarts the node of --kill-node: give --kill-node I@R")
     if args.auth and args.insecure:

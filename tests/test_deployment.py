@@ -22,6 +22,10 @@ from pathlib import Path
 import pytest
 
 # tests/ is on sys.path (pytest's default rootdir-relative import of test modules).
+from safetensors.torch import load_file
+
+from hfedmoe.config import RunConfig
+from hfedmoe.fl.inprocess import run_inprocess
 from proc_marker import MARKER, marked_pids, new_marker, stop_marked
 from builders import write_sites
 
@@ -161,6 +165,36 @@ def test_a_supernode_killed_mid_round_is_survived_and_picked_up_again(tmp_path):
     assert {c["id"]: c["node_id"] for c in rows[2]["clients"]}[1] != lost_node  # a new node id, same partition
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["failed_client_rounds"] == 1
+
+
+@pytest.mark.e2e
+def test_the_superlink_and_serverapp_killed_after_round_1_resume_to_the_same_model(tmp_path):
+    """SIGKILL of the SuperLink (with its SuperExec and the ServerApp) once round 1 is
+    checkpointed; the SuperLink restarts on the same port and database, the SuperNodes
+    reconnect, `flwr run ... resume=true` finishes the run. The final model is the one an
+    uninterrupted run of the same settings ends with (here: the in-process engine's)."""
+    marker = new_marker()
+    try:
+        cmd = [sys.executable, str(LAUNCHER), "--nodes", "3", "--rounds", "2", "--run-config", SMALL,
+               "--out", str(tmp_path / "run"), "--workdir", str(tmp_path / "work"), "--kill-server-after", "1",
+               "--timeout", "780"]
+        proc = subprocess.run(cmd, env=_env(marker), cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        time.sleep(0.5)
+        assert marked_pids(marker) == [], "the launcher left processes behind"
+    finally:
+        stop_marked(marker)
+    assert "killed the SuperLink and the ServerApp" in proc.stdout and "restarted the SuperLink" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    reference = RunConfig.from_dict({**saved, "out": str(tmp_path / "reference"), "resume": False})
+    run_inprocess(reference)
+    deployed = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    expected = load_file(str(tmp_path / "reference" / "final" / "model.safetensors"))
+    assert deployed.keys() == expected.keys()
+    worst = max(float((deployed[k].double() - expected[k].double()).abs().max()) for k in deployed)
+    assert worst == 0.0, f"largest difference from the uninterrupted run: {worst}"
 
 
 @pytest.mark.e2e

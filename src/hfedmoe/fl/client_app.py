@@ -134,6 +134,18 @@ def _injected_crash(partition_id: int, server_round: int) -> bool:
     return False
 
 
+def _injected_delay(partition_id: int, server_round: int) -> float:
+    """Fault injection for tests: HFEDMOE_INJECT_DELAY="2@5:30" makes partition 2 take 30 s
+    longer in round 5 (past --round-timeout, its reply is late)."""
+    for item in os.environ.get("HFEDMOE_INJECT_DELAY", "").split(","):
+        if "@" in item and ":" in item:
+            pid, rest = item.split("@", 1)
+            rnd, seconds = rest.split(":", 1)
+            if int(pid) == partition_id and rnd.strip() in ("*", str(server_round)):
+                return float(seconds)
+    return 0.0
+
+
 def _injected_update(partition_id: int, server_round: int) -> str | None:
     """Fault injection for tests: HFEDMOE_INJECT_UPDATE="3@1:scale" makes partition 3's
     round-1 update 1000x its real delta; "3@*:noise" replaces it with noise of the
@@ -174,6 +186,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     if _injected_crash(data.partition_id, server_round):
         raise RuntimeError(f"injected crash of partition {data.partition_id} in round {server_round}")
+    if delay := _injected_delay(data.partition_id, server_round):
+        time.sleep(delay)
     mem = int(config["mem-budget-bytes"]) if "mem-budget-bytes" in config else None
     seconds = float(config["time-budget-s"]) if "time-budget-s" in config else None
     memtrace("after-client-build", pid_part=data.partition_id)

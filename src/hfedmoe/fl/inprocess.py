@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -90,7 +91,16 @@ class InProcessGrid(Grid):
         return [self._pending.pop(key) for key in message_ids if key in self._pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [self.deliver(msg) for msg in messages]
+        """Every node's reply, except those that took longer than ``timeout`` (each node
+        on its own clock, as nodes working in parallel would): Flower's engines return
+        only the replies that arrived in time."""
+        replies = []
+        for msg in messages:
+            started = time.monotonic()
+            reply = self.deliver(msg)
+            if timeout is None or time.monotonic() - started <= timeout:
+                replies.append(reply)
+        return replies
 
 
 @contextlib.contextmanager

@@ -257,6 +257,10 @@ class HFedMoE(Strategy):
             failures.append({"node_id": r.node_id, "id": r.upload.partition_id, "kind": "rejected-update",
                              "reason": f"update rejected: {reason}"})
         updates = [r for c, r in enumerate(updates) if c not in rejected]
+        # Replies come in arrival order; floating-point sums depend on the order: merging in
+        # partition order makes the new model independent of which client finished first
+        # (a resumed run, or another engine, reproduces it bit for bit).
+        updates.sort(key=lambda r: (r.upload.partition_id, r.node_id))
         info = self.round_info.setdefault(server_round, {})
         parsed = time.perf_counter()
         # Where the server's time went in this round (seconds); see hfedmoe.bench.

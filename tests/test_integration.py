@@ -45,7 +45,8 @@ def _run(cmd: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> subproc
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-TWO_ROUNDS = ["--rounds", "2", "--clients", "2", *SMALL]
+# Flower's simulation engine (Ray) explicitly: `--engine auto` would take the in-process one here.
+TWO_ROUNDS = ["--rounds", "2", "--clients", "2", "--engine", "simulation", *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +189,7 @@ def test_memory_budgets_map_to_expert_budgets_and_are_reported(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:
         stop_marked(marker)
+    assert "hfedmoe: engine inprocess (clients train one at a time here" in proc.stdout  # --engine auto on a CPU
     assert proc.stderr.count("no memory calibration for this model and batch shape yet") == 1, proc.stderr[-3000:]
     assert len(list((cache / "hfedmoe" / "calibration").glob("*.json"))) == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from dataclasses import fields
@@ -176,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run federated fine-tuning on Flower's simulation engine",
+    run = sub.add_parser("run", help="run federated fine-tuning (in-process or on Flower's simulation engine)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_flags(run)
+    run.add_argument("--engine", choices=("auto", "inprocess", "simulation"), default="auto",
+                     help="auto: in-process (the same ServerApp/ClientApp code without Ray) when clients train one "
+                          "at a time on one device, else Flower's simulation engine; inprocess; simulation")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
     calibrate = sub.add_parser(
@@ -354,13 +358,28 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, FileExistsError) as err:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2
-    from hfedmoe.fl.simulation import run_simulation  # Flower's simulation engine and Ray: loaded only to run
+    engine = args.engine
+    if engine == "auto":
+        import torch  # loaded by now (the model was checked above); here for the GPU count
+
+        from hfedmoe.fl.simulation import pick_engine  # same module as the engine itself
+        from hfedmoe.recipe.device import run_device  # same reason as the imports at the top
+
+        gpus = torch.cuda.device_count() if run_device(cfg).type == "cuda" else 0
+        engine = pick_engine(cfg, os.cpu_count() or 1, gpus)
+    if engine == "simulation":
+        from hfedmoe.fl.simulation import run_simulation as run_federation  # Flower's simulation engine and Ray
+    else:
+        from hfedmoe.fl.inprocess import run_inprocess as run_federation  # the ServerApp/ClientApp, no Ray
 
     reporter = RichReporter(cfg)
+    print(f"hfedmoe: engine {engine}" + (" (clients train one at a time here; --engine simulation for Flower's "
+                                         "simulation engine)" if engine == "inprocess" and args.engine == "auto"
+                                         else ""), flush=True)
     # SIGTERM -> SystemExit, so the `finally` that stops Ray's processes runs.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        summary = run_simulation(cfg, reporter, verbose=args.verbose)
+        summary = run_federation(cfg, reporter, verbose=args.verbose)
     except KeyboardInterrupt:
         print("hfedmoe: interrupted; every started process was stopped", file=sys.stderr)
         return 130

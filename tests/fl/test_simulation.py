@@ -18,3 +18,14 @@ def test_on_gpus_a_client_holds_its_share_of_a_gpu_and_of_the_cores():
     assert client_resources(RunConfig(client_gpus=0.5), cores=16, gpus=2) == {"num_cpus": 4, "num_gpus": 0.5}
     assert client_resources(RunConfig(client_gpus=0.25, client_cpus=2), cores=16, gpus=1)["num_cpus"] == 2
     assert client_resources(RunConfig(client_gpus=0.1), cores=4, gpus=1)["num_cpus"] == 1  # never 0
+
+
+def test_auto_engine_is_inprocess_one_client_at_a_time_and_simulation_when_clients_share():
+    from hfedmoe.fl.simulation import pick_engine
+
+    assert pick_engine(RunConfig(clients=4), cores=2, gpus=0) == "inprocess"  # a client holds every core
+    assert pick_engine(RunConfig(clients=4, client_cpus=1), cores=2, gpus=0) == "simulation"
+    assert pick_engine(RunConfig(clients=4, device="cuda"), cores=16, gpus=1) == "inprocess"
+    assert pick_engine(RunConfig(clients=4, device="cuda", client_gpus=0.25), cores=16, gpus=1) == "simulation"
+    assert pick_engine(RunConfig(clients=4, device="cuda"), cores=16, gpus=2) == "simulation"
+    assert pick_engine(RunConfig(clients=1, client_cpus=1), cores=2, gpus=0) == "inprocess"

@@ -113,7 +113,7 @@ def test_a_mixtral_checkpoint_runs_through_the_flower_engine(tmp_path, tokenizer
             [str(Path(sys.executable).parent / "hfedmoe"), "run", "--model", str(model_dir), "--dataset", str(data),
              "--text-column", "body", "--label-column", "topic", "--rounds", "1", "--clients", "2",
              "--local-steps", "2", "--batch-size", "4", "--max-length", "16", "--alpha", "5",
-             "--test-fraction", "0.25", "--out", str(out)],
+             "--test-fraction", "0.25", "--engine", "simulation", "--out", str(out)],
             env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:

@@ -50,6 +50,19 @@ def client_resources(cfg: RunConfig, cores: int, gpus: int) -> dict[str, float]:
     return {"num_cpus": cfg.client_cpus or max(1, cores // at_once), "num_gpus": share}
 
 
+ENGINES = ("auto", "inprocess", "simulation")  # `hfedmoe run --engine`
+
+
+def pick_engine(cfg: RunConfig, cores: int, gpus: int) -> str:
+    """``--engine auto``: the in-process engine (the real ServerApp/ClientApp code, no Ray
+    daemons, messages by reference) when clients train one at a time on one device,
+    Flower's simulation engine when several can train at once (``--client-gpus`` below 1
+    of a GPU, several GPUs, or ``--client-cpus`` below the machine's cores)."""
+    resources = client_resources(cfg, cores, gpus)
+    at_once = gpus / resources["num_gpus"] if gpus else cores / resources["num_cpus"]
+    return "simulation" if at_once >= 2 and cfg.clients >= 2 else "inprocess"
+
+
 def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict:
     """Run ``cfg`` with one virtual SuperNode per client; return the run summary.
 

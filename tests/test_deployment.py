@@ -51,11 +51,29 @@ def _env(marker: str) -> dict[str, str]:
 
 
 def _launch(tmp_path: Path, marker: str, *flags: str, nodes: int = 3, rounds: int = 2,
-            timeout: float = 900) -> subprocess.CompletedProcess:
+            timeout: float = 900, run_config: str = SMALL) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(LAUNCHER), "--nodes", str(nodes), "--rounds", str(rounds),
-           "--run-config", SMALL, "--out", str(tmp_path / "run"), "--workdir", str(tmp_path / "work"),
+           "--run-config", run_config, "--out", str(tmp_path / "run"), "--workdir", str(tmp_path / "work"),
            "--timeout", str(timeout - 120), *flags]
     return subprocess.run(cmd, env=_env(marker), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _deploy(tmp_path: Path, *flags: str, **launch) -> subprocess.CompletedProcess:
+    """A successful launch that left no process behind (cleaned up whatever happens)."""
+    marker = new_marker()
+    try:
+        proc = _launch(tmp_path, marker, *flags, **launch)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        time.sleep(0.5)
+        assert marked_pids(marker) == [], "the launcher left processes behind"
+    finally:
+        stop_marked(marker)
+    assert marked_pids(marker) == []
+    return proc
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _check_run(out: Path, nodes: int, rounds: int) -> None:
@@ -88,18 +106,10 @@ def test_three_supernodes_each_on_its_own_csv_over_tls(tmp_path):
     model by federated evaluation on the nodes' held-out rows."""
     (tmp_path / "sites").mkdir()
     files = write_sites(tmp_path / "sites", ".csv")
-    marker = new_marker()
-    try:
-        proc = _launch(tmp_path, marker, "--tls", "--node-data", ",".join(files),
-                       "--node-columns", "text-column=body label-column=topic")
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        # The launcher stopped every process it started (SuperLink, SuperExecs, SuperNodes,
-        # ServerApp/ClientApp processes, flwr CLI) by itself.
-        time.sleep(0.5)
-        assert marked_pids(marker) == [], "the launcher left processes behind"
-    finally:
-        stop_marked(marker)
-    assert marked_pids(marker) == []
+    # The launcher stops every process it started (SuperLink, SuperExecs, SuperNodes,
+    # ServerApp/ClientApp processes, flwr CLI) by itself: _deploy checks.
+    proc = _deploy(tmp_path, "--tls", "--node-data", ",".join(files),
+                   "--node-columns", "text-column=body label-column=topic")
     out = proc.stdout
     assert "SuperLink ready at https://127.0.0.1:" in out
     assert "TLS verified" in out and "3/3 SuperNodes online" in out
@@ -111,7 +121,7 @@ def test_three_supernodes_each_on_its_own_csv_over_tls(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["labels"] == ["business", "sport", "tech"] and config["evaluation"] == "federated"
     assert config["client_data"] is None and config["dataset"] == "bbc-news"  # the server got no paths
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "run")
     for row in rows:
         assert row["federated"]["clients"] == [0, 1, 2] and row["federated"]["failures"] == []
         assert row["federated"]["examples"] == 8  # one row per class of each site held out (test-fraction 0.05)
@@ -122,16 +132,7 @@ def test_three_supernodes_each_on_its_own_csv_over_tls(tmp_path):
 @pytest.mark.e2e
 def test_supernode_authentication(tmp_path):
     """--auth: only SuperNodes whose public key was registered (`flwr supernode register`) may join."""
-    marker = new_marker()
-    try:
-        proc = _launch(tmp_path, marker, "--auth", rounds=1)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        time.sleep(0.5)
-        assert marked_pids(marker) == [], "the launcher left processes behind"
-    finally:
-        stop_marked(marker)
-    assert marked_pids(marker) == []
-    out = proc.stdout
+    out = _deploy(tmp_path, "--auth", rounds=1).stdout
     assert out.count("registered SuperNode") == 3
     # The launcher proves enforcement: a SuperNode with an unregistered key is refused.
     assert "SuperNode authentication verified" in out
@@ -144,19 +145,9 @@ def test_a_supernode_killed_mid_round_is_survived_and_picked_up_again(tmp_path):
     """SIGKILL of SuperNode 1 (and its ClientApp) a few seconds into round 1: the round
     completes with the other two within round-timeout, the loss is in metrics.jsonl;
     the node, restarted at once, gets a new node id and its partition back in round 2."""
-    marker = new_marker()
-    try:
-        cmd = [sys.executable, str(LAUNCHER), "--nodes", "3", "--rounds", "2", "--run-config",
-               SMALL + " round-timeout=150", "--out", str(tmp_path / "run"), "--workdir", str(tmp_path / "work"),
-               "--kill-node", "1@1", "--restart-killed", "--timeout", "780"]
-        proc = subprocess.run(cmd, env=_env(marker), cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        time.sleep(0.5)
-        assert marked_pids(marker) == [], "the launcher left processes behind"
-    finally:
-        stop_marked(marker)
+    proc = _deploy(tmp_path, "--kill-node", "1@1", "--restart-killed", run_config=SMALL + " round-timeout=150")
     assert "killed SuperNode 1 (SIGKILL" in proc.stdout and "restarted SuperNode 1" in proc.stdout
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "run")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [f["id"] for f in rows[1]["failures"]] == [1]
     assert sorted(c["id"] for c in rows[1]["clients"]) == [0, 2]
@@ -173,19 +164,9 @@ def test_the_superlink_and_serverapp_killed_after_round_1_resume_to_the_same_mod
     checkpointed; the SuperLink restarts on the same port and database, the SuperNodes
     reconnect, `flwr run ... resume=true` finishes the run. The final model is the one an
     uninterrupted run of the same settings ends with (here: the in-process engine's)."""
-    marker = new_marker()
-    try:
-        cmd = [sys.executable, str(LAUNCHER), "--nodes", "3", "--rounds", "2", "--run-config", SMALL,
-               "--out", str(tmp_path / "run"), "--workdir", str(tmp_path / "work"), "--kill-server-after", "1",
-               "--timeout", "780"]
-        proc = subprocess.run(cmd, env=_env(marker), cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        time.sleep(0.5)
-        assert marked_pids(marker) == [], "the launcher left processes behind"
-    finally:
-        stop_marked(marker)
+    proc = _deploy(tmp_path, "--kill-server-after", "1")
     assert "killed the SuperLink and the ServerApp" in proc.stdout and "restarted the SuperLink" in proc.stdout
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "run")
     assert [r["round"] for r in rows] == [0, 1, 2]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     reference = RunConfig.from_dict({**saved, "out": str(tmp_path / "reference"), "resume": False})

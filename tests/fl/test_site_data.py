@@ -124,6 +124,8 @@ def test_sites_train_on_their_own_files_and_evaluation_is_federated(mixtral, sit
         fed = row["federated"]
         assert fed["clients"] == [0, 1, 2] and fed["failures"] == []
         assert (row["accuracy"], row["loss"]) == (fed["accuracy"], fed["loss"])
+    # Evaluation sends the model to every client, as training does (all 3 take part).
+    assert history[1]["federated"]["bytes_down"] == history[1]["bytes_down"] == history[0]["federated"]["bytes_down"]
     # Each client trained on the training part of its own file, and scored on the rest.
     held = [load_client_test(cfg, pid).num_samples for pid in range(3)]
     assert history[0]["federated"]["examples"] == sum(held)

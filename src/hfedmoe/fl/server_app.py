@@ -19,7 +19,7 @@ from flwr.supercore import log
 
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.fl.ray_transport import use_out_of_band_arrays
-from hfedmoe.fl.records import state_to_record
+from hfedmoe.fl.records import record_nbytes, state_to_record
 from hfedmoe.fl.strategy import HFedMoE, RunAborted
 from hfedmoe.budgets import client_budgets
 from hfedmoe.methods import server_merges
@@ -292,8 +292,9 @@ def federated_evaluate(grid: Grid, node_partitions: dict[int, int], arrays: Arra
     """Every client scores the global model on its held-out data; the server pools the
     scores, weighted by what each client scored (examples; response tokens for causal-lm).
 
-    Returns accuracy, loss, examples, the partition ids that answered (``clients``)
-    and the failures (a client that errs or times out is left out, not fatal).
+    Returns accuracy, loss, examples, the partition ids that answered (``clients``),
+    the failures (a client that errs or times out is left out, not fatal) and the
+    bytes sent (``bytes_down``; not in the row's training ``bytes_down``).
     """
     config = ConfigRecord({"run-config": run_config_json, "server-round": server_round})
     messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
@@ -320,7 +321,8 @@ def federated_evaluate(grid: Grid, node_partitions: dict[int, int], arrays: Arra
     if missing:
         failures.append(f"{missing} client(s) did not answer within {timeout_s:.0f}s")
     return {"accuracy": correct / weight if weight else 0.0, "loss": loss / weight if weight else 0.0,
-            "examples": examples, "clients": sorted(answered), "failures": failures}
+            "examples": examples, "clients": sorted(answered), "failures": failures,
+            "bytes_down": record_nbytes(arrays) * len(messages)}  # the model, once to every client
 
 
 def make_server_app(cfg: RunConfig | None = None, reporter: Reporter | None = None) -> ServerApp:

@@ -6,9 +6,12 @@ the project's ClientApp (``hfedmoe.fl.client_app.app``) and returns its reply, s
 strategy's messages, reply validation, failure handling, aggregation, evaluation
 and the run directory are all the real code paths. Clients run one after another.
 
-This is for tests and quick experiments (a run starts in about a second instead of
-Ray's ~20 s); ``hfedmoe run`` and ``hfedmoe compare`` use Flower's simulation engine
-by default.
+A run starts in about a second instead of Ray's ~20 s, and messages pass by
+reference. ``hfedmoe run --engine auto`` (the default) takes this engine when clients
+train one at a time on one device (:func:`hfedmoe.fl.simulation.pick_engine`);
+``hfedmoe compare`` uses Flower's simulation engine unless ``--engine inprocess``.
+A reply that took a node longer than the round timeout is dropped, as Flower's
+engines drop late replies (each node on its own clock).
 """
 
 from __future__ import annotations

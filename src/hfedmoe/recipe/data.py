@@ -179,12 +179,7 @@ def num_labels(cfg: RunConfig) -> int:
 
 def site_split(cfg: RunConfig, partition_id: int, source: SiteSource) -> tuple[TextDataset, TextDataset]:
     """A site's (train, held-out) parts; class ids in the run's agreed label set."""
-    data = read_site(source.spec(cfg))
-    if cfg.task == "classification":
-        try:
-            data = relabel(data, label_names(cfg), source.path)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    data = _in_agreed_labels(cfg, read_site(source.spec(cfg)), source.path)
     return holdout_split(data, cfg.test_fraction, seed=cfg.seed * 1000 + partition_id)
 
 
@@ -318,18 +313,27 @@ def resolve_data_settings(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _in_agreed_labels(cfg: RunConfig, data: TextDataset, source: str) -> TextDataset:
+    """``data`` with class ids in the run's label set (classification; others unchanged)."""
+    if cfg.task != "classification":
+        return data
+    try:
+        return relabel(data, label_names(cfg), source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def server_test_examples(cfg: RunConfig) -> TextDataset:
+    """The server's ``--test-data`` file, duplicates dropped, in the run's label set."""
+    spec = DataSpec(cfg.test_data, cfg.task, cfg.text_column, cfg.label_column, cfg.choices_column,
+                    cfg.answer_column, cfg.response_column)
+    return _in_agreed_labels(cfg, deduplicate(load_examples(spec, site=True)), f"--test-data {cfg.test_data}")
+
+
 def load_test_batches(cfg: RunConfig) -> TensorBatches:
     """The server's test set, in fixed order: ``--test-data`` or the dataset's test split."""
     if cfg.test_data:
-        data = deduplicate(load_examples(DataSpec(cfg.test_data, cfg.task, cfg.text_column, cfg.label_column,
-                                                  cfg.choices_column, cfg.answer_column, cfg.response_column),
-                                         site=True))
-        if cfg.task == "classification":
-            try:
-                data = relabel(data, label_names(cfg), f"--test-data {cfg.test_data}")
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-        return _batches(cfg, data, cfg.eval_batch_size, shuffle=False)
+        return _batches(cfg, server_test_examples(cfg), cfg.eval_batch_size, shuffle=False)
     if cfg.client_data:
         raise ConfigError("the clients hold their own data (--client-data): the server has no test set; pass "
                           "--test-data FILE or --evaluation federated")
@@ -353,10 +357,7 @@ def load_run_test_examples(cfg: RunConfig) -> TextDataset:
     it: the server's ``--test-data``, else the clients' held-out parts together
     (``--client-data``; their pooled score is the run's federated score)."""
     if cfg.test_data:
-        data = deduplicate(load_examples(DataSpec(cfg.test_data, cfg.task, cfg.text_column, cfg.label_column,
-                                                  cfg.choices_column, cfg.answer_column, cfg.response_column),
-                                         site=True))
-        return relabel(data, label_names(cfg), cfg.test_data) if cfg.task == "classification" else data
+        return server_test_examples(cfg)
     files = cfg.client_data_files()
     if not files:
         raise ConfigError("this run's clients held their own data on their own machines (a SuperNode data-path), "

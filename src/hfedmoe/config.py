@@ -25,6 +25,10 @@ from hfedmoe.methods.registry import (
 
 POOLINGS = ("mean", "max")
 SELECT_BY = ("ib", "importance")
+# What the deferred backward does with experts a token was routed to but the client does not
+# train: detach (constants: no weight or input gradient) or freeze (no weight gradient, the
+# input gradient flows through them; the paper's reading). docs/method.md compares them.
+UNSELECTED_EXPERTS = ("detach", "freeze")
 # Task formats (hfedmoe.training.objectives): what a batch's loss and the test metrics are.
 TASKS = ("classification", "multiple-choice", "causal-lm")
 CLASSIFIERS = ("auto", "head", "label-words")  # classification on a MoE checkpoint: new head or label words
@@ -105,6 +109,7 @@ class RunConfig:
     eval_batch_size: int = 64
     pooling: str = "mean"
     select_by: str = "ib"
+    unselected_experts: str = "detach"
     gate_normalize: bool = True
     expert_agg: str = DEFAULT_MERGE
     gate_agg: str = DEFAULT_MERGE
@@ -173,6 +178,9 @@ class RunConfig:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.select_by not in SELECT_BY:
             raise ConfigError(f"--select-by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
+        if self.unselected_experts not in UNSELECTED_EXPERTS:
+            raise ConfigError(f"--unselected-experts must be one of {', '.join(UNSELECTED_EXPERTS)}, "
+                              f"got {self.unselected_experts!r}")
         for name, choices in (("expert_agg", EXPERT_MERGES), ("gate_agg", ROUTER_WEIGHTS)):
             if getattr(self, name) not in choices:
                 value = getattr(self, name)

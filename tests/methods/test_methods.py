@@ -191,14 +191,14 @@ def test_heavy_hitters_rank_globally_after_keeping_one_per_layer():
     assert seer_keep_count(6, 6, 8, prune_ratio=0.99) == 6  # never below one per layer
 
 
-# --- router hooks: routing mask and gate entropy -------------------------------------------
+# --- routing override: routing mask and gate entropy -------------------------------------------
 
 def test_routing_mask_removes_experts_and_is_undone_on_exit():
     model = tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     batch = next(client_data().batches.iter_epoch(0))
     keep = torch.tensor([[True, False, True, False], [False, True, True, True]])
-    with profiling.RouterHooks(access, mask=keep):
+    with access.routing_override(mask=keep):
         model(batch["input_ids"], batch["attention_mask"])
         probs, dispatch = access.router_probs(), access.dispatch()
     assert (probs[..., ~keep] == 0).all(), "removed experts get probability 0"
@@ -211,7 +211,7 @@ def test_gate_entropy_has_gradient_and_matches_its_definition():
     model = tiny_moe(sharp_router=True)
     access = ModularMoEAccess(model)
     batch = next(client_data().batches.iter_epoch(0))
-    with profiling.RouterHooks(access, capture=True) as hooks:
+    with access.routing_override() as hooks:
         model(batch["input_ids"], batch["attention_mask"])
         entropy = hooks.entropy(batch["attention_mask"])
         probs = access.router_probs()  # [B, T, L, S], detached

@@ -23,10 +23,11 @@ def _model_with_distinct_experts():
     return model.train()
 
 
-def _grads(model, deferred: bool, selection: torch.Tensor) -> dict[str, torch.Tensor | None]:
+def _grads(model, deferred: bool, selection: torch.Tensor,
+           unselected: str = "detach") -> dict[str, torch.Tensor | None]:
     model = copy.deepcopy(model)
     access = ModularMoEAccess(model)
-    access.enable_deferred_backward(deferred)
+    access.enable_deferred_backward(deferred, unselected)
     ids, mask = batch()
     torch.manual_seed(0)  # same dropout in both passes
     loss = F.cross_entropy(model(ids, mask), torch.tensor([0, 1, 2]))
@@ -71,6 +72,32 @@ def test_partial_selection_trains_only_selected_experts_and_detaches_the_rest():
     # gradients change (this is the "run them detached" approximation).
     first = access.expert_param_names(0, 0)[0]
     assert not torch.allclose(deferred[first], plain[first])
+
+
+def test_freeze_passes_input_gradients_through_unselected_experts_as_plain_autograd_does():
+    """--unselected-experts freeze: the unselected experts get no weight gradient, and every
+    other parameter, in every layer, gets exactly the gradient of plain autograd."""
+    model = _model_with_distinct_experts()
+    selection = torch.zeros(L, S, dtype=torch.bool)
+    selection[:, 0] = True
+    selection[L - 1, 2] = True
+    plain = _grads(model, False, selection)
+    frozen = _grads(model, True, selection, unselected="freeze")
+    detached = _grads(model, True, selection, unselected="detach")
+    access = ModularMoEAccess(model)
+    unselected = {n for l, e in (~selection).nonzero().tolist() for n in access.expert_param_names(l, e)}
+    for name in plain:
+        if name in unselected:
+            assert frozen[name] is None and plain[name] is None, name
+        else:
+            torch.testing.assert_close(frozen[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    first = access.expert_param_names(0, 0)[0]
+    assert not torch.allclose(detached[first], frozen[first])  # the two modes really differ
+
+
+def test_an_unknown_unselected_mode_is_refused():
+    with pytest.raises(ValueError, match="detach, freeze"):
+        ModularMoEAccess(tiny_moe()).enable_deferred_backward(True, "drop")
 
 
 def test_backward_without_a_selection_fails_clearly():

@@ -26,11 +26,12 @@ def loss_of(model: nn.Module) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, labels=ids).loss
 
 
-def grads(model: nn.Module, deferred: bool, selection: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+def grads(model: nn.Module, deferred: bool, selection: torch.Tensor | None,
+          unselected: str = "detach") -> dict[str, torch.Tensor | None]:
     """Gradients of every parameter after one backward, with or without the deferred path."""
     model = copy.deepcopy(model)
     access = make_access(model)
-    assert access.enable_deferred_backward(deferred) is True
+    assert access.enable_deferred_backward(deferred, unselected) is True
     selection = torch.ones(access.num_layers, access.num_experts, dtype=torch.bool) if selection is None else selection
     loss = loss_of(model)
     params = access.trainable_parameters(selection)
@@ -91,6 +92,37 @@ def test_partial_selection_trains_only_the_selected_slices(name):
         if n in deferred and deferred[n] is not None:  # routers keep their gradient
             assert deferred[n].abs().sum() > 0, n
     assert any(deferred[n] is not None and deferred[n].abs().sum() > 0 for n in access.router_param_names())
+
+
+@families
+def test_freeze_gives_plain_autograds_gradients_except_on_unselected_slices(name):
+    """--unselected-experts freeze: input gradients pass through routed but unselected
+    experts, so every trained tensor, in every layer, gets plain autograd's gradient."""
+    model = tiny_model(name)
+    access = make_access(model)
+    L, E = access.num_layers, access.num_experts
+    selection = torch.zeros(L, E, dtype=torch.bool)
+    selection[:, 1] = True
+    selection[L - 1, E - 1] = True
+    plain = grads(model, False, selection)
+    frozen = grads(model, True, selection, unselected="freeze")
+    detached = grads(model, True, selection, unselected="detach")
+    compared = 0
+    for (layer, expert), keys in access.param_groups().experts.items():
+        for key in keys:
+            real, e = split_expert_key(key)
+            g = frozen[real][e]
+            if selection[layer, expert]:
+                torch.testing.assert_close(g, plain[real][e], rtol=1e-4, atol=1e-6, msg=key)
+                compared += layer == 0
+            else:
+                assert torch.equal(g, torch.zeros_like(g)), key
+    assert compared  # the first layer's slices: below every unselected expert
+    for n in plain:
+        if plain[n] is not None and n not in access.fused_parameters:
+            torch.testing.assert_close(frozen[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+    real, e = split_expert_key(access.param_groups().experts[(0, 1)][0])
+    assert not torch.allclose(detached[real][e], frozen[real][e])  # the modes differ below the top layer
 
 
 def test_backward_without_a_selection_fails_clearly():

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from hfedmoe.methods.merging import ExpertMerge, RouterWeights, merge_over_uploaders, preference_weights
-from hfedmoe.methods.profiling import RouterHooks
 from hfedmoe.moe import MoEAccess
 from hfedmoe.training import LocalTrainResult, SelectionPolicy
 
@@ -88,7 +87,12 @@ class RoundPlan:
     subset : BoolTensor[L, S], optional
         The client's fixed or preferred experts, where the method has one.
     routing_mask : BoolTensor[L, S], optional
-        Experts outside it get router logit -inf (a pruned sub-model).
+        Experts outside it are never routed to (a pruned sub-model).
+    routing_top_k : int, optional
+        Experts each token is routed to during the round (FLAME's k_i); None: the model's.
+    output_scales : Tensor[L], optional
+        Each layer's routed-expert output is multiplied by it (FLAME's rescaler s_i); when
+        it requires grad, the local loop trains it with the experts.
     entropy_coef : float
         Weight of a gate-entropy penalty added to the loss (0: none).
     honours_time_budget : bool
@@ -100,23 +104,30 @@ class RoundPlan:
     failure: str | None = None
     subset: torch.Tensor | None = None
     routing_mask: torch.Tensor | None = None
+    routing_top_k: int | None = None
+    output_scales: torch.Tensor | None = None
     entropy_coef: float = 0.0
     honours_time_budget: bool = True
+    private_state: dict[str, Any] | None = None
 
     @contextlib.contextmanager
     def hooks(self, access: MoEAccess) -> Iterator[ExtraLoss | None]:
-        """Install the plan's router hooks while training; yields the extra loss (or None)."""
-        if self.routing_mask is None and not self.entropy_coef:
-            yield None
-            return
-        capture = bool(self.entropy_coef)
-        with RouterHooks(access, mask=self.routing_mask, capture=capture) as router_hooks:
+        """Install the plan's routing changes while training; yields the extra loss (or None)."""
+        with contextlib.ExitStack() as stack:
+            capture = None
+            if self.routing_mask is not None or self.routing_top_k is not None or self.entropy_coef:
+                capture = stack.enter_context(access.routing_override(self.routing_mask, self.routing_top_k))
+            if self.output_scales is not None:
+                stack.enter_context(access.routed_output_scale(self.output_scales))
+            if not self.entropy_coef:
+                yield None
+                return
             coef = self.entropy_coef
 
             def entropy_penalty(_access: MoEAccess, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-                return coef * router_hooks.entropy(batch["attention_mask"])
+                return coef * capture.entropy(batch["attention_mask"])
 
-            yield entropy_penalty if capture else None
+            yield entropy_penalty
 
 
 class Method:

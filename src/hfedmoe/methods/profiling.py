@@ -1,12 +1,13 @@
-"""Routing statistics several methods collect before training, and router hooks.
+"""Routing statistics several methods collect before training.
 
 - :func:`route_counts`: how a client's batches route through a model (forward only);
 - :func:`initial_profile`: that profile on the run's *initial* model, once per
   client (FedMoE and SEER-MoE keep one expert subset for the whole run). Clients
   hold no state between rounds, so the profile is recomputed deterministically
-  whenever a process lacks it;
-- :class:`RouterHooks`: a routing mask (a pruned sub-model) and the live router
-  logits for a gate-entropy loss.
+  whenever a process lacks it.
+
+Routing masks and the live router logits of a gate-entropy loss are the access
+layer's :meth:`~hfedmoe.moe.protocol.MoEAccess.routing_override`.
 """
 
 from __future__ import annotations
@@ -101,72 +102,3 @@ def initial_profile(access: MoEAccess, data, server_round: int, run_key: str,
 def clear_profile_cache() -> None:
     """Forget every cached initial profile (tests: force a rebuild from the initial model)."""
     _INITIAL_PROFILES.clear()
-
-
-# --- router hooks: routing mask and live router logits ------------------------------------
-
-class RouterHooks:
-    """Forward hooks on every MoE layer's router, while the context is open.
-
-    - ``mask`` (BoolTensor[L, S]): experts outside it get router logit -inf, so
-      no token is routed to them (a pruned sub-model) and their probability is 0.
-    - ``capture``: keep each layer's (masked) router logits *with* gradient, for a
-      loss on the gate distribution (:meth:`entropy`). The MoE block itself only
-      records detached probabilities.
-
-    Works on layouts with separate ``MoEFeedForward`` blocks (the embedded model),
-    whose router is a plain linear layer returning logits.
-    """
-
-    def __init__(self, access: MoEAccess, mask: torch.Tensor | None = None, capture: bool = False):
-        routers = access.router_modules()
-        if routers is None:
-            raise NotImplementedError(
-                f"{type(access).__name__}: routing masks and gate-entropy losses need separate-expert MoE blocks "
-                "(the embedded model); fused Hugging Face layouts are not supported for fedmoe/seer-moe yet"
-            )
-        self.routers = list(routers)
-        self.mask = mask
-        self.capture = capture
-        self.logits: list[torch.Tensor | None] = [None] * len(self.routers)
-        self._handles: list = []
-
-    def __enter__(self) -> "RouterHooks":
-        for index, router in enumerate(self.routers):
-            self._handles.append(router.register_forward_hook(self._hook(index)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.logits = [None] * len(self.routers)
-
-    def _hook(self, index: int):
-        def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
-            if self.mask is not None:
-                keep = self.mask[index].to(output.device)
-                output = output.masked_fill(~keep, float("-inf"))
-            if self.capture:
-                self.logits[index] = output
-            return output if self.mask is not None else None
-
-        return hook
-
-    def entropy(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean over layers and real tokens of H(p) = -sum_e p_e log p_e (with gradient).
-
-        p is the softmax of the (masked) router logits, so with a mask the entropy
-        is over the surviving experts only (pruned experts have p = 0).
-        """
-        if any(logits is None for logits in self.logits):
-            raise RuntimeError("no router logits captured: open RouterHooks(capture=True) and run a forward pass")
-        real = attention_mask.reshape(-1).bool()
-        per_layer = []
-        for logits in self.logits:
-            # Removed experts have logit -inf; a finite floor gives them p = 0 with a
-            # zero gradient (the derivative of p log p is infinite at p = 0: NaN otherwise).
-            log_probs = torch.log_softmax(logits.float().clamp(min=-1e4), dim=-1)
-            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-            per_layer.append(entropy[real].mean())
-        return torch.stack(per_layer).mean()

@@ -89,6 +89,9 @@ class MoEFeedForward(nn.Module):
         # again INSIDE the backward, after the selection was set (the access layer
         # clears it when the deferred path is switched on or off).
         self.deferred_backward = False
+        # With the deferred backward: pass the input gradient through routed experts that
+        # are not selected (no weight gradient), instead of treating them as constants.
+        self.unselected_input_grad = False
         self.selected: torch.Tensor | None = None  # BoolTensor[S]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,10 @@ class DeferredExperts(torch.autograd.Function):
     checkpointing does, minus the output layer, whose backward does not need its
     own output: see :func:`expert_backward`) and back-propagates through them alone. Unselected experts
     act as constants: no activation memory, no weight or input gradient, which is
-    what "run them detached" means. The routing weights keep their full gradient.
+    what "run them detached" means. With ``layer.unselected_input_grad`` (``--unselected-experts
+    freeze``) the routed but unselected experts are recomputed too, for the input gradient
+    only (:func:`expert_input_grad`): no weight gradient, but the layers below get the
+    gradient plain autograd would give them. The routing weights keep their full gradient.
     """
 
     @staticmethod
@@ -153,11 +159,13 @@ class DeferredExperts(torch.autograd.Function):
         if layer.selected is None:
             raise RuntimeError("deferred expert backward needs the batch's selection: set it before backward")
         grad_tokens = torch.zeros_like(tokens)
-        for e in layer.selected.nonzero().flatten().tolist():
-            token_idx, slot = (top_idx == e).nonzero(as_tuple=True)
-            if token_idx.numel() == 0:
+        selected = layer.selected.tolist()
+        for e in top_idx.unique().tolist():
+            if not (selected[e] or layer.unselected_input_grad):
                 continue
-            grad_x = expert_backward(layer.experts[e], tokens[token_idx], grad_out[token_idx, slot])
+            token_idx, slot = (top_idx == e).nonzero(as_tuple=True)
+            backward = expert_backward if selected[e] else expert_input_grad
+            grad_x = backward(layer.experts[e], tokens[token_idx], grad_out[token_idx, slot])
             grad_tokens.index_add_(0, token_idx, grad_x)
         return grad_tokens, None, None
 
@@ -168,6 +176,15 @@ def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
         param.grad = grad
     else:
         param.grad.add_(grad)
+
+
+def expert_input_grad(expert: ExpertFFN, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """The input gradient of ``expert`` at ``x`` for output gradient ``grad_y``, without
+    touching its weight gradients (a frozen expert that the gradient still passes through)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        act = ACTIVATIONS[expert.activation](expert.fc1(x))
+    return torch.autograd.grad(act, x, grad_y @ expert.fc2.weight.detach())[0]
 
 
 def expert_backward(expert: ExpertFFN, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ experts' slices are kept. :class:`DeferredFusedExperts` instead
   only its input, not its output, so it is not recomputed).
 
 Unselected experts act as constants: no activation memory, no weight gradient, no input
-gradient (what "run them detached" means; the same choice as for separate experts).
+gradient (what "run them detached" means; the same choice as for separate experts). With
+``--unselected-experts freeze`` (:data:`INPUT_GRAD_ATTR`) the backward also recomputes the
+routed but unselected experts, for the input gradient only.
 What is not saved: the fused tensors' gradient is one full-size buffer per tensor (its
 unselected slices are zeros), because a slice of a parameter cannot own a gradient.
 
@@ -38,6 +40,8 @@ from torch import nn
 from torch.nn import functional as F
 
 SELECTION_ATTR = "_hfedmoe_selected"  # BoolTensor[E] set by the access layer before backward
+# True: routed but unselected experts pass the input gradient (--unselected-experts freeze)
+INPUT_GRAD_ATTR = "_hfedmoe_unselected_input_grad"
 
 
 def supports_deferred(module: nn.Module) -> bool:
@@ -91,25 +95,28 @@ class DeferredFusedExperts(torch.autograd.Function):
         grad_x = torch.zeros_like(tokens) if need_x else None
         grad_gate_up = torch.zeros_like(gate_up) if need_gate_up else None
         grad_down = torch.zeros_like(down) if need_down else None
-        for e in selected.nonzero().flatten().tolist():
-            token_idx, slot = _routed(top_idx, e)
-            if token_idx.numel() == 0:
+        through_unselected = need_x and getattr(ctx.module, INPUT_GRAD_ATTR, False)
+        chosen = selected.tolist()
+        for e in top_idx.unique().tolist():
+            if e >= gate_up.shape[0] or not (chosen[e] or through_unselected):
                 continue
+            token_idx, slot = _routed(top_idx, e)
             grad_y = grad_out[token_idx, slot]
+            train_e = chosen[e]  # a frozen expert: input gradient only, no weight gradient
             with torch.enable_grad():
                 x = tokens[token_idx].detach().requires_grad_(need_x)
-                w1 = gate_up[e].detach().requires_grad_(need_gate_up)
+                w1 = gate_up[e].detach().requires_grad_(need_gate_up and train_e)
                 gate, up = F.linear(x, w1).chunk(2, dim=-1)
                 hidden = ctx.module.act_fn(gate) * up
-            if need_down:  # dW2 = grad_y^T h: needs h, not the output
+            if need_down and train_e:  # dW2 = grad_y^T h: needs h, not the output
                 grad_down[e] = grad_y.t() @ hidden.detach()
-            inputs = [t for t, need in ((x, need_x), (w1, need_gate_up)) if need]
+            inputs = [t for t, need in ((x, need_x), (w1, need_gate_up and train_e)) if need]
             if inputs:
                 grads = torch.autograd.grad(hidden, inputs, grad_y @ down[e].detach())
                 grads = list(grads)
                 if need_x:
                     grad_x.index_add_(0, token_idx, grads.pop(0))
-                if need_gate_up:
+                if need_gate_up and train_e:
                     grad_gate_up[e] = grads.pop(0)
         return grad_x, None, grad_gate_up, grad_down, None
 
@@ -128,11 +135,14 @@ def installed(module: nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
-def install(module: nn.Module, enabled: bool) -> None:
-    """Route ``module``'s forward through :func:`deferred_forward` (or restore its own)."""
+def install(module: nn.Module, enabled: bool, unselected_input_grad: bool = False) -> None:
+    """Route ``module``'s forward through :func:`deferred_forward` (or restore its own);
+    ``unselected_input_grad``: see :data:`INPUT_GRAD_ATTR`."""
     if enabled:
         module.forward = types.MethodType(deferred_forward, module)
+        setattr(module, INPUT_GRAD_ATTR, unselected_input_grad)
     elif installed(module):
         del module.forward
-        if hasattr(module, SELECTION_ATTR):
-            delattr(module, SELECTION_ATTR)
+        for attr in (SELECTION_ATTR, INPUT_GRAD_ATTR):
+            if hasattr(module, attr):
+                delattr(module, attr)

@@ -270,7 +270,7 @@ class LoraMoEAccess(FusedMoEAccess):
     # PEFT packs lora_B with the expert index varying fastest: dim 0 is not the expert.
     optimizer_slices_experts = False
 
-    def enable_deferred_backward(self, enabled: bool) -> bool:
+    def enable_deferred_backward(self, enabled: bool, unselected: str = "detach") -> bool:
         """Not for LoRA: the adapters live in PEFT's wrapper around the experts module,
         whose forward :mod:`hfedmoe.moe.fused_deferred` does not reproduce. Plain autograd."""
         return False

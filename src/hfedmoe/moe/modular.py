@@ -15,7 +15,34 @@ import torch
 from torch import nn
 
 from hfedmoe.models.moe_block import MoEFeedForward
-from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups, common_expert_count
+from hfedmoe.moe.protocol import (
+    NoMoELayersError,
+    ParamGroups,
+    RouterCapture,
+    check_routing_override,
+    common_expert_count,
+)
+
+
+UNSELECTED_MODES = ("detach", "freeze")
+
+
+def _capture_logits(capture: RouterCapture, index: int, keep: torch.Tensor | None):
+    """Router forward hook: mask the logits (-inf outside ``keep``) and keep them."""
+    def hook(module: nn.Module, inputs, logits: torch.Tensor) -> torch.Tensor:
+        if keep is not None:
+            logits = logits.masked_fill(~keep.to(logits.device), float("-inf"))
+        capture.logits[index] = logits
+        return logits
+
+    return hook
+
+
+def _scale_output(scales: torch.Tensor, index: int):
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return output * scales[index].to(output.dtype)
+
+    return hook
 
 
 def detect_modular(model: nn.Module) -> bool:
@@ -124,17 +151,60 @@ class ModularMoEAccess:
         """Parameters of the experts ``selection`` leaves out."""
         return [self._params[n] for l, e in (~selection).nonzero().tolist() for n in self._expert_names[(l, e)]]
 
-    def enable_deferred_backward(self, enabled: bool) -> bool:
+    def enable_deferred_backward(self, enabled: bool, unselected: str = "detach") -> bool:
         """Back-propagate only through the experts selected after the forward pass.
 
-        Saves the activation memory and the whole backward of unselected experts
-        (see :class:`~hfedmoe.models.moe_block.DeferredExperts`); worth it only when the
-        budget leaves experts out. Returns whether the layout supports it (it does).
+        Saves the activation memory of unselected experts and, with ``unselected=
+        "detach"``, their whole backward (see :class:`~hfedmoe.models.moe_block.DeferredExperts`;
+        ``"freeze"`` recomputes them for the input gradient only); worth it only when
+        the budget leaves experts out. Returns whether the layout supports it (it does).
         """
+        if unselected not in UNSELECTED_MODES:
+            raise ValueError(f"unselected={unselected!r}: choose one of {', '.join(UNSELECTED_MODES)}")
         for layer in self.layers:
             layer.deferred_backward = enabled
+            layer.unselected_input_grad = enabled and unselected == "freeze"
             layer.selected = None  # no selection of an earlier round (or step) carries over
         return True
+
+    @contextlib.contextmanager
+    def routing_override(self, mask: torch.Tensor | None = None,
+                         top_k: int | None = None) -> Iterator[RouterCapture]:
+        """Route to ``top_k`` experts within ``mask`` while open (see the protocol).
+
+        The router is a bare Linear: masked experts get logit -inf, so their softmax
+        probability is exactly 0 and top-k never prefers them; ``top_k`` replaces each
+        block's own while open.
+        """
+        check_routing_override(mask, top_k, self.num_layers, self.num_experts)
+        capture = RouterCapture(self.num_layers)
+        saved = [layer.top_k for layer in self.layers]
+        handles = []
+        try:
+            for index, layer in enumerate(self.layers):
+                if top_k is not None:
+                    layer.top_k = top_k
+                keep = None if mask is None else mask[index]
+                handles.append(layer.router.register_forward_hook(_capture_logits(capture, index, keep)))
+            yield capture
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer, k in zip(self.layers, saved):
+                layer.top_k = k
+
+    @contextlib.contextmanager
+    def routed_output_scale(self, scales: torch.Tensor) -> Iterator[None]:
+        """Multiply each block's output (its routed experts' combination) by ``scales[l]``."""
+        if tuple(scales.shape) != (self.num_layers,):
+            raise ValueError(f"scales must be Tensor[{self.num_layers}], got {tuple(scales.shape)}")
+        handles = [layer.register_forward_hook(_scale_output(scales, index))
+                   for index, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def set_selection(self, selection: torch.Tensor) -> None:
         """Tell every MoE layer which of its experts to train in this backward pass."""

@@ -67,6 +67,46 @@ class ParamGroups:
         return [name for names in self.experts.values() for name in names]
 
 
+class RouterCapture:
+    """Per MoE layer, the router logits of the last forward pass under
+    :meth:`MoEAccess.routing_override`, masked (-inf outside the mask) and with gradient."""
+
+    def __init__(self, num_layers: int):
+        self.logits: list[torch.Tensor | None] = [None] * num_layers
+
+    def entropy(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean over layers and real tokens of H(p) = -sum_e p_e log p_e (with gradient).
+
+        p is the softmax of the captured (masked) logits, so with a mask the entropy is
+        over the surviving experts only (masked experts have p = 0).
+        """
+        if any(logits is None for logits in self.logits):
+            raise RuntimeError("no router logits captured: run a forward pass inside routing_override()")
+        real = attention_mask.reshape(-1).bool()
+        per_layer = []
+        for logits in self.logits:
+            # Masked experts have logit -inf; a finite floor gives them p = 0 with a
+            # zero gradient (the derivative of p log p is infinite at p = 0: NaN otherwise).
+            log_probs = torch.log_softmax(logits.reshape(real.numel(), -1).float().clamp(min=-1e4), dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+            per_layer.append(entropy[real].mean())
+        return torch.stack(per_layer).mean()
+
+
+def check_routing_override(mask: torch.Tensor | None, top_k: int | None, num_layers: int,
+                           num_experts: int) -> None:
+    """ValueError unless ``mask`` is BoolTensor[L, S] keeping >= 1 expert per layer and
+    1 <= ``top_k`` <= S."""
+    if mask is not None:
+        if tuple(mask.shape) != (num_layers, num_experts) or mask.dtype != torch.bool:
+            raise ValueError(f"routing mask must be BoolTensor[{num_layers}, {num_experts}], "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("routing mask removes every expert of some layer: keep at least one per layer")
+    if top_k is not None and not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and the {num_experts} experts per layer")
+
+
 @runtime_checkable
 class MoEAccess(Protocol):
     """What the trainer, the policies, the resource model and the Flower layer need
@@ -142,11 +182,40 @@ class MoEAccess(Protocol):
         self, selection: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
     ) -> contextlib.AbstractContextManager: ...
 
-    def enable_deferred_backward(self, enabled: bool) -> bool: ...
+    def enable_deferred_backward(self, enabled: bool, unselected: str = "detach") -> bool:
+        """Back-propagate only through the experts selected after the forward pass (no
+        activation memory for the others); returns whether the layout supports it.
+
+        ``unselected`` says what the backward does with an expert a token was routed to
+        but that is not selected: ``"detach"`` treats its output as a constant (no weight
+        gradient, no input gradient: the layers below miss that path), ``"freeze"`` gives
+        it no weight gradient but passes the input gradient through it (the paper's "mask
+        the unselected experts' gradients"; the backward recomputes its activations).
+        Without the deferred backward (plain autograd) every layout behaves as ``"freeze"``.
+        """
+        ...
 
     def unselected_expert_parameters(self, selection: torch.Tensor) -> list[nn.Parameter]: ...
 
     def set_selection(self, selection: torch.Tensor) -> None: ...
+
+    # --- routing control (FedMoE, SEER-MoE, FLAME) -----------------------------------
+    def routing_override(
+        self, mask: torch.Tensor | None = None, top_k: int | None = None
+    ) -> contextlib.AbstractContextManager["RouterCapture"]:
+        """While open, every MoE layer routes each token to its ``top_k`` best experts
+        (None: the model's own k) among those where ``mask[l]`` (BoolTensor[L, S]; None:
+        all) is True, with the layer's own score function, normalisation and scaling.
+        Masked experts get probability 0 in :meth:`router_probs`. Yields a
+        :class:`RouterCapture` holding each layer's (masked) router logits of the last
+        forward pass, with gradient, for losses on the gate distribution."""
+        ...
+
+    def routed_output_scale(self, scales: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """While open, the combined output of each layer's routed experts is multiplied by
+        ``scales[l]`` (Tensor[L]; gradients reach it when it requires grad). Shared
+        experts and the residual path are not scaled (FLAME's rescaler)."""
+        ...
 
     # --- routing records of the last forward pass ------------------------------------
     def router_probs(self) -> torch.Tensor: ...

@@ -47,6 +47,7 @@ class LocalTrainConfig:
     select_by: str = "ib"  # "ib" (Eq. 15) or "importance" (the paper's text: s_b)
     aux_loss_coef: float = 0.01
     deferred_backward: bool = True  # constrained clients: backward only through selected experts
+    unselected_experts: str = "detach"  # "detach" | "freeze": see MoEAccess.enable_deferred_backward
     time_budget_s: float | None = None  # compute budget: stop the local round after this long (>= 1 step)
     task: str = "classification"  # the batch loss (hfedmoe.training.objectives)
 
@@ -146,7 +147,7 @@ def train_local(
     # A client that can train every expert keeps plain autograd; a constrained one
     # skips the unselected experts' backward and activation memory entirely.
     deferred = cfg.deferred_backward and expert_budget < access.num_layers * access.num_experts
-    deferred = access.enable_deferred_backward(deferred) and deferred
+    deferred = access.enable_deferred_backward(deferred, cfg.unselected_experts) and deferred
     model.train()
     device = model_device(model)
     shape = (access.num_layers, access.num_experts)

@@ -20,6 +20,7 @@ import pytest
 from hfedmoe import cli
 from hfedmoe.compare import parse_methods, parse_sweep, plan_runs, run_compare
 from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.methods import METHODS
 
 from proc_marker import MARKER, marked_pids, new_marker, stop_marked
 
@@ -55,7 +56,7 @@ def test_plan_runs_one_run_per_method_and_seed_validated_up_front(tmp_path):
     swept = plan_runs(base, tmp_path, None, seeds=1, sweep=parse_sweep("tau=0,0.1"))
     assert [(r.label, r.cfg.method, r.cfg.tau) for r in swept] == [("tau=0", "hfedmoe", 0.0),
                                                                      ("tau=0.1", "hfedmoe", 0.1)]
-    assert len(plan_runs(base, tmp_path, None, seeds=1)) == 7  # every method by default
+    assert len(plan_runs(base, tmp_path, None, seeds=1)) == len(METHODS) == 8  # every method by default
     with pytest.raises(ConfigError, match="lam=2: --lam must lie in"):
         plan_runs(base, tmp_path, None, seeds=1, sweep=parse_sweep("lam=0.5,2"))
     with pytest.raises(ConfigError, match="either --sweep or --methods"):

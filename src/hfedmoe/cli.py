@@ -104,8 +104,8 @@ _HELP = {
                           "output is a constant: no weight or input gradient, cheapest) or freeze (no weight "
                           "gradient, the input gradient flows through them to the layers below; docs/method.md)",
     "gate_normalize": "normalise gate weights alpha to sum to 1 (true) or use the literal Eq. 20 (false)",
-    "expert_agg": "expert aggregation: hfedmoe (Eq. 17, over uploaders) or fedavg (over all clients; HFedMoE "
-                  "ablation, Fig. 16)",
+    "expert_agg": "expert aggregation: hfedmoe (Eq. 17, over uploaders), fedavg (over all clients; HFedMoE "
+                  "ablation, Fig. 16) or activation (FLAME's: over uploaders, weighted by activation frequency^2 x |D|)",
     "gate_agg": "router aggregation: hfedmoe (Eq. 18-21) or fedavg (num_examples-weighted; HFedMoE ablation, Fig. 16)",
     "aux_loss_coef": "load-balancing loss coefficient",
     "lora_rank": "LoRA rank R on every routed expert (one adapter per expert) and the attention projections; "

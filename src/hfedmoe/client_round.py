@@ -41,6 +41,9 @@ class ClientUpload:
         u_c (Eq. 16) and the round's mean s^c: the router merge's inputs (Eq. 18-20).
     selection_counts : Tensor[L, S]
         Batches in which each expert was trained.
+    activation : Tensor[L, S], optional
+        f_c: the share of the client's routed tokens each expert processed (FLAME's
+        activation-aware merge weighs by it).
     metrics : dict
         ``num-examples``, ``partition-id``, ``expert-budget`` and the round's figures
         (train loss, experts trained/uploaded, peak memory, times, ...).
@@ -57,6 +60,7 @@ class ClientUpload:
     metrics: dict[str, float | int]
     failure: str | None = None
     result: LocalTrainResult | None = field(default=None, repr=False, compare=False)
+    activation: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -87,6 +91,7 @@ def client_round(
     mem_budget_bytes: int | None = None,
     time_budget_s: float | None = None,
     release_global_state: bool = False,
+    private_state: dict | None = None,
 ) -> ClientUpload:
     """Load the global state, train one local round under ``cfg.method``, build the upload.
 
@@ -98,6 +103,9 @@ def client_round(
     On a GPU, ``mem_budget_bytes`` caps this round's CUDA allocations
     (:func:`~hfedmoe.training.memory.gpu_memory_cap`); running out of memory is the
     client's failure for the round (memory freed, nothing uploaded), not a crash.
+
+    ``private_state`` is what the method keeps on this client between rounds (FLAME's
+    rescaler); updated in place after a successful round, never uploaded.
     """
     device = model_device(access.model)
     if mem_budget_bytes and device.type == "cpu":
@@ -111,6 +119,7 @@ def client_round(
         access=access, data=data, expert_budget=expert_budget, server_round=server_round,
         local_steps=cfg.local_steps, seed=cfg.seed, select_by=cfg.select_by, run_key=cfg.to_json(),
         build_initial_model=lambda: build_model(cfg, pretrained=True),
+        private_state=private_state if private_state is not None else {},
     )
     plan = method.plan_round(context)
     metrics: dict[str, float | int] = {"num-examples": data.num_examples, "partition-id": data.partition_id,
@@ -126,6 +135,8 @@ def client_round(
             result = train_local(
                 access.model, batches_from_round(data, server_round, cfg.local_steps), plan.train_budget, local,
                 policy=plan.policy, extra_loss=extra_loss,
+                extra_params=[plan.output_scales] if plan.output_scales is not None and
+                plan.output_scales.requires_grad else [],
             )
     except torch.OutOfMemoryError as err:
         release_device_memory(device)  # the round's activations, gradients and moments are garbage now
@@ -136,6 +147,7 @@ def client_round(
                             failure=f"out of memory on {device} training {plan.train_budget} experts per "
                                     f"batch{within}: {first}")
 
+    method.end_round(context, plan)
     uploaded = method.upload_mask(result, cfg.tau)
     groups = access.param_groups()
     keep = set(groups.dense) | set(groups.routers)
@@ -160,5 +172,5 @@ def client_round(
     return ClientUpload(
         tensors={k: v for k, v in state.items() if k in keep},
         usage=result.usage, importance=result.importance, selection_counts=result.selection_counts,
-        metrics=metrics, result=result,
+        metrics=metrics, result=result, activation=result.activation,
     )

@@ -73,8 +73,8 @@ def context(method: str, access, budget: int, server_round: int) -> ClientContex
 
 # --- the method table ----------------------------------------------------------------------
 
-def test_the_registry_holds_the_seven_methods_each_loading_its_own_class():
-    assert list(METHODS) == ["hfedmoe", "fedavg-full", "fedavg", "pfl-moe", "fedmoe", "seer-moe", "random"]
+def test_the_registry_holds_the_eight_methods_each_loading_its_own_class():
+    assert list(METHODS) == ["hfedmoe", "fedavg-full", "fedavg", "pfl-moe", "fedmoe", "seer-moe", "flame", "random"]
     for name, entry in METHODS.items():
         method = get_method(name)
         assert isinstance(method, Method) and entry.summary and get_method(name) is method

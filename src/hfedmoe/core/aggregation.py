@@ -120,6 +120,78 @@ def aggregate_experts(
     return result
 
 
+def activation_weights(frequency: Tensor, num_examples: Sequence[int], temperature: float = 2.0) -> Tensor:
+    """FLAME's activation-aware weights gamma_c^j = (f_c^j)^t * |D_c| (Le et al. 2025).
+
+    Parameters
+    ----------
+    frequency : Tensor[C, L, S]
+        f_c^j: the share of client c's routed tokens that expert j processed in its
+        local round (>= 0).
+    num_examples : Sequence[int]
+        |D_c| per client.
+    temperature : float
+        t >= 0; t = 0 gives FedAvg's |D_c| weights, FLAME advises 2-4.
+
+    Returns
+    -------
+    Tensor[C, L, S], float64
+    """
+    if frequency.dim() != 3 or frequency.shape[0] != len(num_examples):
+        raise ValueError(f"frequency must be Tensor[C, L, S] with C = {len(num_examples)} clients, "
+                         f"got {tuple(frequency.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    sizes = torch.tensor(num_examples, dtype=torch.float64)[:, None, None]
+    return frequency.double().clamp_min(0).pow(temperature) * sizes
+
+
+def aggregate_experts_weighted(
+    previous: Mapping[str, Tensor],
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Tensor,
+    expert_of: Mapping[str, tuple[int, int]],
+) -> dict[str, Tensor]:
+    """Each expert tensor as its uploaders' mean under per-expert client weights.
+
+    theta^j = sum_c gamma_c^j theta_c^j / sum_c gamma_c^j over the clients c that
+    uploaded expert j (FLAME's activation-aware aggregation with gamma from
+    :func:`activation_weights`). An expert nobody uploaded, or whose uploaders all
+    have weight 0 (they trained it without routing a token to it), keeps its previous
+    value. Non-floating tensors take the first uploader's value.
+
+    Parameters
+    ----------
+    previous : Mapping[str, Tensor]
+        Global expert tensors of the last round.
+    updates : Sequence[Mapping[str, Tensor]]
+        Per client, the expert tensors it uploaded.
+    weights : Tensor[C, L, S]
+        gamma_c^j >= 0.
+    expert_of : Mapping[str, tuple[int, int]]
+        Expert tensor key -> (layer, expert).
+    """
+    if weights.dim() != 3 or weights.shape[0] != len(updates):
+        raise ValueError(f"weights must be Tensor[C, L, S] with C = {len(updates)} clients, got {tuple(weights.shape)}")
+    result: dict[str, Tensor] = {}
+    for key, prev in previous.items():
+        uploaders = [c for c, update in enumerate(updates) if key in update]
+        if not uploaders:
+            result[key] = prev
+            continue
+        if not prev.is_floating_point():
+            result[key] = updates[uploaders[0]][key]
+            continue
+        layer, expert = expert_of[key]
+        gamma = [float(weights[c, layer, expert]) for c in uploaders]
+        total = sum(gamma)
+        if total <= 0:
+            result[key] = prev
+            continue
+        result[key] = _weighted_sum([updates[c][key] for c in uploaders], [g / total for g in gamma], prev)
+    return result
+
+
 def gate_weights(
     usage: Tensor, importance: Tensor, tau: float = 0.05, normalize: bool = True
 ) -> Tensor:

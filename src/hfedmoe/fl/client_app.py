@@ -174,6 +174,18 @@ def _destroy(tensors: dict[str, torch.Tensor], received: dict[str, torch.Tensor]
             raise ValueError(f"HFEDMOE_INJECT_UPDATE: unknown kind {kind!r} (scale or noise)")
 
 
+# Key of the method's private per-client state in the node's Context.state (kept by Flower
+# between rounds on the node that runs the client; never sent)
+METHOD_STATE = "method-state"
+
+
+def _method_state(context: Context) -> dict:
+    """The method's state this node kept from its earlier rounds of the run ({} at first)."""
+    if METHOD_STATE not in context.state:
+        return {}
+    return dict(context.state[METHOD_STATE].items())
+
+
 @app.train(mods=[sparse_local_dp_mod])  # local DP on the sparse upload; a no-op unless dp_epsilon > 0
 def train(msg: Message, context: Context) -> Message:
     """One local round (hfedmoe.client_round.client_round) as a Flower reply."""
@@ -203,8 +215,12 @@ def train(msg: Message, context: Context) -> Message:
         del msg.content["arrays"]
     decoded = time.perf_counter()
     memtrace("after-to-state-dict")
+    private = _method_state(context)
     upload = client_round(cfg, make_access(model), data, global_state, budget, server_round,
-                          mem_budget_bytes=mem, time_budget_s=seconds, release_global_state=True)
+                          mem_budget_bytes=mem, time_budget_s=seconds, release_global_state=True,
+                          private_state=private)
+    if private:  # the method's own state (FLAME's rescaler) stays on this node for its next round
+        context.state[METHOD_STATE] = ConfigRecord(private)
     trained = time.perf_counter()
     memtrace("after-client-round", peak=upload.metrics.get("peak-mem-bytes", 0) / 1e6)
     if upload.failure:  # a training failure (e.g. FedAvg over budget): a flagged reply, not a crash

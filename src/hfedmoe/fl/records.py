@@ -5,7 +5,8 @@ A training reply is a RecordDict with
 - ``arrays``  (ArrayRecord): every dense and router tensor, plus the tensors of
   the experts the client uploads (each uploaded expert complete);
 - ``stats``   (ArrayRecord): ``usage`` u_c and ``importance`` s^c, Tensor[L, S],
-  and ``selection-counts`` (batches in which each expert was trained);
+  ``selection-counts`` (batches in which each expert was trained) and ``activation``
+  (share of the client's routed tokens each expert processed);
 - ``metrics`` (MetricRecord): num-examples, train-loss, experts-trained-mean,
   experts-uploaded, peak-mem-bytes, wall-s, partition-id.
 
@@ -57,6 +58,8 @@ def encode_upload(upload: ClientUpload, extra_metrics: dict | None = None) -> Re
     if upload.failure:
         return RecordDict({"failure": ConfigRecord({"reason": upload.failure}), "metrics": metrics})
     stats = {"usage": upload.usage, "importance": upload.importance, "selection-counts": upload.selection_counts}
+    if upload.activation is not None:
+        stats["activation"] = upload.activation
     return RecordDict({"arrays": state_to_record(upload.tensors), "stats": state_to_record(stats),
                        "metrics": metrics})
 
@@ -214,12 +217,20 @@ def parse_upload(msg: Message, groups: ParamGroups, reference: dict[str, torch.T
         values = stats[name].double()
         if not (torch.isfinite(values).all() and (values >= 0).all()):
             raise ReplyError(f"reply of node {node}: stats {name!r} must be finite and >= 0")
+    activation = stats.get("activation")  # optional: an activation-aware merge gives a client without it no weight
+    if activation is not None:
+        values = activation.double()
+        if tuple(activation.shape) != shape or not (torch.isfinite(values).all() and (values >= 0).all()
+                                                     and (values <= 1).all()):
+            raise ReplyError(f"reply of node {node}: stats 'activation' must be of shape {shape}, "
+                             "finite and within [0, 1]")
     num_examples = int(metrics.get("num-examples", 0))
     if num_examples < 1:
         raise ReplyError(f"reply of node {node} has no valid num-examples (must be >= 1)")
     upload = ClientUpload(
         tensors=arrays, usage=stats["usage"].float(), importance=stats["importance"].float(),
         selection_counts=stats["selection-counts"], metrics=metrics,
+        activation=None if activation is None else activation.float(),
     )
     return ReceivedUpload(
         node_id=node, upload=upload,

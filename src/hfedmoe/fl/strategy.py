@@ -355,8 +355,16 @@ class HFedMoE(Strategy):
             torch.stack([u.usage for u in uploads]), torch.stack([u.importance for u in uploads]),
             [u.num_examples for u in uploads], self.expert_merge, self.router_weights, self.tau, self.gate_normalize,
             robust=self.robust_agg, expert_of=groups.expert_of, trim_fraction=self.trim_fraction,
+            frequency=torch.stack([self._frequency(u) for u in uploads]),
         )
         return {**state, "__alpha__": alpha}
+
+    def _frequency(self, upload) -> torch.Tensor:
+        """The client's activation frequency f_c [L, S]; zeros when it sent none (an
+        activation-aware merge then gives it no weight)."""
+        if upload.activation is not None:
+            return upload.activation.double()
+        return torch.zeros(self.groups.num_layers, self.groups.num_experts, dtype=torch.float64)
 
     def _stale_reason(self, msg: Message, server_round: int) -> str | None:
         """Why ``msg`` is no reply to this round's instructions (None: it is one)."""
@@ -403,6 +411,9 @@ class HFedMoE(Strategy):
             "bytes_up_floor": r.bytes_up_floor,
             "usage": [[round(x, 5) for x in row] for row in u.usage.tolist()],
             "selection_counts": u.selection_counts.tolist(),
+            # share of the client's routed tokens each expert processed (rows sum to its top-k)
+            "activation": None if u.activation is None else [[round(x, 5) for x in row]
+                                                             for row in u.activation.tolist()],
         }
 
     # --- evaluation happens centrally on the server (held-out test set) ------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -53,6 +53,10 @@ class ClientContext:
     build_initial_model : callable
         Rebuilds the run's initial global model (deterministic in the seed), for
         methods that profile it once (FedMoE, SEER-MoE).
+    private_state : dict
+        What the method keeps on this client between rounds (never uploaded): plain
+        JSON-like values (numbers, strings, lists of them). Flower keeps it in the
+        node's context state; it starts empty (and is lost when the node restarts).
     """
 
     access: MoEAccess
@@ -64,6 +68,7 @@ class ClientContext:
     select_by: str
     run_key: str
     build_initial_model: Callable[[], nn.Module]
+    private_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_experts(self) -> int:
@@ -108,7 +113,6 @@ class RoundPlan:
     output_scales: torch.Tensor | None = None
     entropy_coef: float = 0.0
     honours_time_budget: bool = True
-    private_state: dict[str, Any] | None = None
 
     @contextlib.contextmanager
     def hooks(self, access: MoEAccess) -> Iterator[ExtraLoss | None]:
@@ -149,6 +153,10 @@ class Method:
     def plan_round(self, ctx: ClientContext) -> RoundPlan:
         """The selection policy and budget rule of one client's round."""
         raise NotImplementedError
+
+    def end_round(self, ctx: ClientContext, plan: RoundPlan) -> None:
+        """After a successful local round: keep what the method carries to the client's
+        next round in ``ctx.private_state`` (default: nothing)."""
 
     def upload_mask(self, result: LocalTrainResult, tau: float) -> torch.Tensor:
         """BoolTensor[L, S]: the experts the client uploads after training.

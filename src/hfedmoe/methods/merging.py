@@ -16,24 +16,47 @@ import torch
 from hfedmoe import core
 from hfedmoe.core.robust import robust_experts, robust_merge
 
-# merge(previous experts, each client's uploaded experts, num_examples) -> new experts
-ExpertMerge = Callable[[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[int]], dict[str, torch.Tensor]]
+# merge(previous experts, each client's uploaded experts, num_examples, activation frequency
+# Tensor[C, L, S] (None where the clients did not report it), expert tensor key -> (layer, expert))
+# -> new experts
+ExpertMerge = Callable[
+    [dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[int], "torch.Tensor | None",
+     "dict[str, tuple[int, int]] | None"],
+    dict[str, torch.Tensor],
+]
 # weights(usage [C, L, S], importance [C, L, S], num_examples, tau, normalize) -> alpha [C]
 RouterWeights = Callable[[torch.Tensor, torch.Tensor, list[int], float, bool], torch.Tensor]
 
 
+# FLAME's t in gamma = f^t |D| (Le et al. advise 2-4; baselines.md)
+FLAME_TEMPERATURE = 2.0
+
+
 def merge_over_uploaders(previous: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]],
-                         num_examples: list[int]) -> dict[str, torch.Tensor]:
+                         num_examples: list[int], frequency: torch.Tensor | None = None,
+                         expert_of: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Eq. 17: each expert averaged over the clients that uploaded it (weights |D_c|);
     an expert nobody uploaded keeps its previous value."""
     return core.aggregate_experts(previous, uploads, num_examples)
 
 
 def merge_over_all_clients(previous: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]],
-                           num_examples: list[int]) -> dict[str, torch.Tensor]:
+                           num_examples: list[int], frequency: torch.Tensor | None = None,
+                           expert_of: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """FedAvg over every client: a client that did not upload an expert counts with the
     unchanged global copy (FedAvg; HFedMoE's Fig. 16 ablation)."""
     return core.fedavg([{**previous, **upload} for upload in uploads], num_examples)
+
+
+def merge_by_activation(previous: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]],
+                        num_examples: list[int], frequency: torch.Tensor | None = None,
+                        expert_of: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """FLAME's activation-aware aggregation: each expert over its uploaders, weighted by
+    gamma_c = f_c^t |D_c| (t = FLAME_TEMPERATURE); unchanged where the weights sum to 0."""
+    if frequency is None or expert_of is None:
+        raise ValueError("activation-aware aggregation needs each client's activation frequency and expert_of")
+    weights = core.activation_weights(frequency, num_examples, FLAME_TEMPERATURE)
+    return core.aggregate_experts_weighted(previous, uploads, weights, expert_of)
 
 
 def preference_weights(usage: torch.Tensor, importance: torch.Tensor, num_examples: list[int], tau: float,
@@ -64,6 +87,7 @@ def merge_round(
     robust: str = "none",
     expert_of: dict[str, tuple[int, int]] | None = None,
     trim_fraction: float = 0.25,
+    frequency: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One round's new global state from the clients' uploads, and the router weights alpha.
 
@@ -88,7 +112,11 @@ def merge_round(
         dense parameters over every client, in place of the method's weighted merges
         (alpha is still computed and returned, for the record).
     expert_of : dict
-        Expert tensor key -> (layer, expert); needed with ``robust``.
+        Expert tensor key -> (layer, expert); needed with ``robust`` and by merges that
+        weight each expert on its own (FLAME's).
+    frequency : Tensor[C, L, S], optional
+        Each client's activation frequency f_c (share of its routed tokens each expert
+        processed), for activation-aware merges.
     """
     alpha = router_weights(usage, importance, num_examples, tau, normalize)
     if robust != "none":
@@ -98,7 +126,7 @@ def merge_round(
         merged_routers = robust_merge(routers, robust, trim_fraction)
         merged_dense = robust_merge(dense, robust, trim_fraction)
         return {**merged_dense, **merged_routers, **merged_experts}, alpha
-    merged_experts = expert_merge(previous_experts, experts, num_examples)
+    merged_experts = expert_merge(previous_experts, experts, num_examples, frequency, expert_of)
     merged_routers = core.aggregate_gates(routers, alpha)
     merged_dense = core.fedavg(dense, num_examples)
     return {**merged_dense, **merged_routers, **merged_experts}, alpha

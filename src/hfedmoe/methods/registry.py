@@ -68,6 +68,8 @@ METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in (
                 "hfedmoe.methods.fedmoe:FedMoE"),
     MethodEntry("seer-moe", "SEER-MoE: heavy-hitter pruning, fine-tuning with gate-entropy penalty",
                 "hfedmoe.methods.seer_moe:SeerMoE"),
+    MethodEntry("flame", "FLAME: fewer experts per token on constrained clients, private rescaler, "
+                "activation-aware aggregation", "hfedmoe.methods.flame:Flame"),
     MethodEntry("random", "random experts within the budget (HFedMoE's upload and aggregation)",
                 "hfedmoe.methods.random_experts:RandomExperts", ablation_switches=True),
 )}
@@ -76,7 +78,8 @@ DEFAULT_METHOD = "hfedmoe"  # the paper's
 
 # The names --expert-agg / --gate-agg accept (HFedMoE's ablations), and their code.
 EXPERT_MERGES: dict[str, str] = {"hfedmoe": "hfedmoe.methods.merging:merge_over_uploaders",
-                                 "fedavg": "hfedmoe.methods.merging:merge_over_all_clients"}
+                                 "fedavg": "hfedmoe.methods.merging:merge_over_all_clients",
+                                 "activation": "hfedmoe.methods.merging:merge_by_activation"}  # FLAME's
 ROUTER_WEIGHTS: dict[str, str] = {"hfedmoe": "hfedmoe.methods.merging:preference_weights",
                                   "fedavg": "hfedmoe.methods.merging:data_size_weights"}
 DEFAULT_MERGE = "hfedmoe"

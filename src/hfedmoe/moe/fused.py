@@ -61,8 +61,21 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 import hfedmoe.moe.fused_deferred as fused_deferred
-from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups, common_expert_count
-from hfedmoe.moe.routing import LayerRecord, has_hook, register_block_routing
+from hfedmoe.moe.protocol import (
+    NoMoELayersError,
+    ParamGroups,
+    RouterCapture,
+    check_routing_override,
+    common_expert_count,
+)
+from hfedmoe.moe.routing import (
+    LayerRecord,
+    RoutingOverrideHook,
+    fused_routing_rule,
+    has_hook,
+    register_block_routing,
+    scale_output_hook,
+)
 from hfedmoe.moe.slice_adamw import ExpertSliceAdamW
 from hfedmoe.moe.state_keys import (
     check_selection,
@@ -421,19 +434,74 @@ class FusedMoEAccess:
         budgets and calibrations do not change)."""
         return 2
 
-    def routing_override(self, mask=None, top_k=None):
-        """Not yet for this layout (in progress: routing inside each family's router)."""
-        raise NotImplementedError(f"{type(self).__name__}: routing masks and per-client top-k are not "
-                                  "implemented for this layout yet")
+    @property
+    def renormalizes_top_k(self) -> bool:
+        """Whether the first router renormalises its top-k weights to sum to one: Mixtral
+        always, Qwen2/Qwen3-MoE, OLMoE and DeepSeek-V3 when ``norm_topk_prob``, DeepSeek-V2
+        never (see :func:`~hfedmoe.moe.routing.fused_routing_rule`)."""
+        return fused_routing_rule(self.model.get_submodule(self.blocks[0].router_name)).renormalizes
 
-    def routed_output_scale(self, scales):
-        """Not yet for this layout."""
-        raise NotImplementedError(f"{type(self).__name__}: scaling the routed experts' output is not "
-                                  "implemented for this layout yet")
+    @contextlib.contextmanager
+    def routing_override(self, mask: torch.Tensor | None = None,
+                         top_k: int | None = None) -> Iterator[RouterCapture]:
+        """Route to ``top_k`` experts within ``mask`` while open (see the protocol).
+
+        A forward hook on each router (:class:`~hfedmoe.moe.routing.RoutingOverrideHook`,
+        run before the routing records) re-runs the router's own rule
+        (:func:`~hfedmoe.moe.routing.fused_routing_rule`) on the logits it returned, with
+        the mask and ``top_k`` applied inside the rule: removed experts get logit -inf
+        (probability 0 in :meth:`router_probs`, never in :meth:`dispatch`; DeepSeek's
+        group limit skips them when it scores groups). A layer keeping fewer than
+        ``top_k`` experts routes each token to all it keeps. The expert modules take any
+        number of slots per token (the deferred backward included); :attr:`top_k` stays
+        the model's own.
+        """
+        check_routing_override(mask, top_k, self.num_layers, self.num_experts)
+        capture = RouterCapture(self.num_layers)
+        handles = []
+        try:
+            for index, block in enumerate(self.blocks):
+                router = self.model.get_submodule(block.router_name)
+                keep = None if mask is None else mask[index].to(router.weight.device)
+                hook = RoutingOverrideHook(fused_routing_rule(router), keep, top_k, capture, index, self.num_experts)
+                handles.append(router.register_forward_hook(hook, prepend=True))
+            yield capture
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def routed_output_scale(self, scales: torch.Tensor) -> Iterator[None]:
+        """Multiply each layer's routed-expert combination by ``scales[l]`` while open.
+
+        A forward hook on each block's experts module (:meth:`routed_experts_modules`),
+        whose output is the top-k weighted sum of the routed experts; the shared experts
+        (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``), added by the block
+        after it, and the residual are not scaled.
+        """
+        if tuple(scales.shape) != (self.num_layers,):
+            raise ValueError(f"scales must be Tensor[{self.num_layers}], got {tuple(scales.shape)}")
+        handles = [module.register_forward_hook(scale_output_hook(scales, index))
+                   for index, module in enumerate(self.routed_experts_modules())]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def routed_experts_modules(self) -> list[nn.Module]:
+        """Per MoE layer, the block's child that computes the routed experts' combination
+        (the fused experts module, or the PEFT wrapper around it)."""
+        out = []
+        for block in self.blocks:
+            key = block.expert_keys[0]
+            child = (key[len(block.name) + 1:] if block.name else key).split(".", 1)[0]
+            out.append(self.model.get_submodule(_join(block.name, child)))
+        return out
 
     def router_modules(self) -> None:
         """None: fused routers return ``(logits, top-k weights, top-k indices)``, not bare
-        logits, so routing masks and gate-entropy losses do not apply to them yet."""
+        logits; routing masks and gate-entropy losses go through :meth:`routing_override`."""
         return None
 
     @property

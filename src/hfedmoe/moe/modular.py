@@ -111,6 +111,11 @@ class ModularMoEAccess:
         """Experts per token of the first MoE layer (upcycled models use one top-k)."""
         return self.layers[0].top_k
 
+    @property
+    def renormalizes_top_k(self) -> bool:
+        """True: MoEFeedForward renormalises the top-k probabilities (Mixtral's convention)."""
+        return True
+
     def memory_estimate_top_k(self) -> int:
         """The analytic memory estimate counts each token's ``top_k`` expert activations."""
         return self.top_k

@@ -139,6 +139,12 @@ class MoEAccess(Protocol):
         router does not say)."""
         ...
 
+    @property
+    def renormalizes_top_k(self) -> bool:
+        """Whether each token's top-k routing weights are renormalised to sum to one (then
+        routing fewer experts does not shrink the combined output's magnitude)."""
+        ...
+
     def memory_estimate_top_k(self) -> int:
         """Experts per token assumed by the analytic activation-memory estimate
         (:func:`hfedmoe.budgets.analytic_model_for`)."""

@@ -26,8 +26,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfedmoe.moe.protocol import NoMoELayersError, ParamGroups, common_expert_count
-from hfedmoe.moe.routing import RECORDS, LayerRecord, has_hook
+from hfedmoe.moe.protocol import (
+    NoMoELayersError,
+    ParamGroups,
+    RouterCapture,
+    check_routing_override,
+    common_expert_count,
+)
+from hfedmoe.moe.routing import (
+    RECORDS,
+    LayerRecord,
+    has_hook,
+    masked_logits,
+    routed_count,
+    scale_output_hook,
+    switch_routing,
+)
 from hfedmoe.moe.state_keys import check_selection, check_state_keys, is_head_parameter
 
 
@@ -42,6 +56,11 @@ class SwitchBlock:
     @property
     def num_experts(self) -> int:
         return len(self.expert_names)
+
+    @property
+    def experts_name(self) -> str:
+        """Module path of the experts container."""
+        return self.expert_names[0].rsplit(".", 1)[0]
 
 
 def _router_width(router: nn.Module) -> int | None:
@@ -107,6 +126,58 @@ def _switch_router_hook(module: nn.Module, args: tuple, output) -> None:
     with torch.no_grad():
         record.probs = torch.softmax(logits.detach().float(), dim=-1)
         record.dispatch = expert_index.detach().bool()
+
+
+class SwitchRoutingOverride:
+    """Router forward hook of :meth:`SwitchMoEAccess.routing_override`.
+
+    Returns the router's ``(expert_index, router_probs, router_logits)`` recomputed by
+    :func:`~hfedmoe.moe.routing.switch_routing` with the mask and top-k, logits masked
+    (-inf at removed experts; with gradient into ``capture.logits[index]``). For
+    top_k > 1, ``router_probs`` keeps its [B, T, 1] shape (the sparse MLP reshapes it to
+    one weight per token) and :meth:`experts_pre_hook` hands the experts the per-slot
+    dispatch [N, k, E] and weights [N, k] instead, which ``SwitchTransformersExperts``
+    reads slot by slot. Without a mask and at top-1 the router's output passes untouched.
+    """
+
+    def __init__(self, keep: torch.Tensor | None, top_k: int | None, capture: RouterCapture, index: int,
+                 num_experts: int):
+        self.keep, self.capture, self.index, self.num_experts = keep, capture, index, num_experts
+        self.top_k = routed_count(keep, top_k or 1, num_experts)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.checked = False
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        self.pending = None
+        expert_index, router_probs, logits = output
+        masked = masked_logits(logits, self.keep)
+        self.capture.logits[self.index] = masked
+        if self.keep is None and self.top_k == 1:
+            return None
+        rule = dict(expert_capacity=module.expert_capacity, router_dtype=module.dtype, input_dtype=router_probs.dtype)
+        if not self.checked:
+            with torch.no_grad():
+                own_index, _, own_weights = switch_routing(logits.detach(), None, 1, **rule)
+            same = torch.equal(own_index, expert_index) and own_weights.shape == router_probs.shape
+            if not (same and torch.allclose(own_weights.float(), router_probs.float(), rtol=1e-5, atol=1e-7)):
+                raise RuntimeError(f"{type(module).__name__}: hfedmoe's Switch routing rule does not reproduce "
+                                   "this router's routing; routing masks and top-k are not supported for it")
+            self.checked = True
+        index, slots, weights = switch_routing(logits, self.keep, self.top_k, **rule)
+        if self.top_k > 1:
+            self.pending = (slots.reshape(-1, self.top_k, self.num_experts), weights.reshape(-1, self.top_k))
+        return index.to(expert_index.dtype), weights[..., :1], masked
+
+    def experts_pre_hook(self, module: nn.Module, args: tuple):
+        """Forward pre-hook on the experts: the per-slot dispatch and weights (top_k > 1)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        if len(args) != 3 or args[0].shape[0] != pending[0].shape[0]:
+            raise RuntimeError(f"{type(module).__name__} was called with {len(args)} positional arguments over "
+                               f"{args[0].shape[0] if args else 0} tokens; routing_override expects "
+                               "(hidden_states [N, H], selected_experts, routing_weights) over its router's tokens")
+        return (args[0], *pending)
 
 
 class SwitchMoEAccess:
@@ -243,19 +314,58 @@ class SwitchMoEAccess:
         and calibrations do not change)."""
         return 2
 
-    def routing_override(self, mask=None, top_k=None):
-        """Not yet for this layout (in progress: routing inside each family's router)."""
-        raise NotImplementedError(f"{type(self).__name__}: routing masks and per-client top-k are not "
-                                  "implemented for this layout yet")
+    @property
+    def renormalizes_top_k(self) -> bool:
+        """False: a Switch token's expert output is weighted by its raw probability."""
+        return False
 
-    def routed_output_scale(self, scales):
-        """Not yet for this layout."""
-        raise NotImplementedError(f"{type(self).__name__}: scaling the routed experts' output is not "
-                                  "implemented for this layout yet")
+    @contextlib.contextmanager
+    def routing_override(self, mask: torch.Tensor | None = None,
+                         top_k: int | None = None) -> Iterator[RouterCapture]:
+        """Route to ``top_k`` experts (default 1) within ``mask`` while open (see the protocol).
+
+        A forward hook on each router (:class:`SwitchRoutingOverride`, run before the
+        routing record) re-runs the router's rule (:func:`~hfedmoe.moe.routing.switch_routing`)
+        on its logits with the mask (logit -inf: probability 0) and ``top_k`` applied,
+        expert capacity included. With top_k > 1 the sparse MLP's own call cannot carry a
+        weight per expert, so a forward pre-hook on its experts passes them the per-slot
+        dispatch and weights instead. A layer keeping fewer than ``top_k`` experts routes
+        each token to all it keeps; :attr:`top_k` stays the model's own (1).
+        """
+        check_routing_override(mask, top_k, self.num_layers, self.num_experts)
+        capture = RouterCapture(self.num_layers)
+        handles = []
+        try:
+            for index, block in enumerate(self.blocks):
+                router = self.model.get_submodule(block.router_name)
+                keep = None if mask is None else mask[index].to(router.classifier.weight.device)
+                hook = SwitchRoutingOverride(keep, top_k, capture, index, self.num_experts)
+                handles.append(router.register_forward_hook(hook, prepend=True))
+                experts = self.model.get_submodule(block.experts_name)
+                handles.append(experts.register_forward_pre_hook(hook.experts_pre_hook, prepend=True))
+            yield capture
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def routed_output_scale(self, scales: torch.Tensor) -> Iterator[None]:
+        """Multiply each sparse MLP's routed-expert combination by ``scales[l]`` while open
+        (a forward hook on its ``experts``; the residual added by the layer around the
+        sparse MLP is not scaled; Switch has no shared experts)."""
+        if tuple(scales.shape) != (self.num_layers,):
+            raise ValueError(f"scales must be Tensor[{self.num_layers}], got {tuple(scales.shape)}")
+        handles = [self.model.get_submodule(block.experts_name).register_forward_hook(scale_output_hook(scales, i))
+                   for i, block in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def router_modules(self) -> None:
         """None: Switch routers return ``(expert_index, router_probs, router_logits)``, not
-        bare logits, so routing masks and gate-entropy losses do not apply to them yet."""
+        bare logits; routing masks and gate-entropy losses go through :meth:`routing_override`."""
         return None
 
     @contextlib.contextmanager

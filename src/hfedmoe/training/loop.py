@@ -67,6 +67,7 @@ class LocalTrainResult:
     importance: torch.Tensor  # s^c, mean of s_b over the round's batches, Tensor[L, S]
     trained: torch.Tensor  # BoolTensor[L, S]: selected in at least one batch
     selection_counts: torch.Tensor  # Tensor[L, S]: batches in which each expert was selected
+    activation: torch.Tensor  # Tensor[L, S]: share of the round's routed tokens each expert processed
     experts_trained_mean: float  # mean |E_active| per batch
     peak_mem_bytes: int  # training memory: weights + what local training added at its peak
     wall_s: float
@@ -74,16 +75,21 @@ class LocalTrainResult:
     extra: dict = field(default_factory=dict)
 
 
-def make_optimizer(model: nn.Module, access: MoEAccess, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, access: MoEAccess, cfg: LocalTrainConfig,
+                   extra_params: list[torch.Tensor] = ()) -> torch.optim.Optimizer:
     """AdamW with a larger learning rate for parameters that start untrained.
 
     Built fresh every round: clients are stateless between rounds (as in FedAvg),
     so optimizer moments never carry over from one global model to the next.
+    ``extra_params`` (a method's own scalars outside the model, e.g. FLAME's rescaler)
+    get the new-parameter learning rate and no weight decay (they scale outputs around 1).
     """
     new = access.new_parameter_names()
     pretrained = [p for n, p in model.named_parameters() if n not in new]
     fresh = [p for n, p in model.named_parameters() if n in new]
     groups = [{"params": pretrained, "lr": cfg.lr}, {"params": fresh, "lr": cfg.lr * cfg.new_param_lr_mult}]
+    if extra_params:
+        groups.append({"params": list(extra_params), "lr": cfg.lr * cfg.new_param_lr_mult, "weight_decay": 0.0})
     # Fused expert tensors (one [E, ...] parameter per layer): AdamW per expert slice,
     # so unselected experts are neither moved nor given moments (hfedmoe.moe.slice_adamw).
     adamw = ExpertSliceAdamW if access.optimizer_slices_experts else torch.optim.AdamW
@@ -104,6 +110,7 @@ def train_local(
     policy: SelectionPolicy | None = None,
     extra_loss: Callable[[MoEAccess, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     on_phase: PhaseHook | None = None,
+    extra_params: list[torch.Tensor] = (),
 ) -> LocalTrainResult:
     """Run ``cfg.local_steps`` HFedMoE steps on a client's batches.
 
@@ -130,6 +137,9 @@ def train_local(
         (``batch`` is None at "start", ``selected`` None before "select"). For
         benchmarks that time the loop's phases (benchmarks/step_breakdown.py);
         None costs nothing.
+    extra_params : list of Tensor
+        Leaf tensors outside the model that the round trains too (a method's own, e.g.
+        FLAME's rescaler); they are optimised with the selected experts.
 
     Returns
     -------
@@ -143,7 +153,7 @@ def train_local(
         )
     policy = policy or score_policy(cfg.select_by)
     objective = objective_for(cfg.task)
-    optimizer = make_optimizer(model, access, cfg)
+    optimizer = make_optimizer(model, access, cfg, extra_params)
     # A client that can train every expert keeps plain autograd; a constrained one
     # skips the unselected experts' backward and activation memory entirely.
     deferred = cfg.deferred_backward and expert_budget < access.num_layers * access.num_experts
@@ -157,6 +167,9 @@ def train_local(
     gate_sums = torch.zeros(shape, dtype=torch.float64)
     importance_sum = torch.zeros(shape, dtype=torch.float64)
     selection_counts = torch.zeros(shape, dtype=torch.long)
+    # Tokens each expert processed / tokens routed, per layer (on the device: read once at the end)
+    dispatched = torch.zeros(shape, dtype=torch.float64, device=device)
+    routed_tokens = torch.zeros((access.num_layers, 1), dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_samples, routed_rows = 0, 0
     select_s = 0.0
@@ -186,7 +199,10 @@ def train_local(
                 t_select = time.perf_counter()
                 gates = core.pool_token_scores(access.router_probs(), mask, mode=cfg.pooling)  # [B, L, S]
                 real_tokens = mask.bool()[..., None] if mask.dim() == 3 else mask.bool()[:, :, None, None]
-                candidates = (access.dispatch() & real_tokens).any(dim=1).any(dim=0)  # E_union, [L, S]
+                routed = access.dispatch() & real_tokens  # [B, T, L, S]
+                candidates = routed.any(dim=1).any(dim=0)  # E_union, [L, S]
+                dispatched += routed.sum(dim=(0, 1))
+                routed_tokens += real_tokens.expand(*routed.shape[:3], 1).sum(dim=(0, 1))
                 gates, candidates = gates.cpu(), candidates.cpu()  # the step's one host round trip
                 s_b = core.importance(gates, lam=cfg.lam)
                 i_b = core.ib_score(gates, lam=cfg.lam, beta=cfg.beta)
@@ -195,7 +211,7 @@ def train_local(
                 if on_phase:
                     on_phase("select", step, batch, selected)
 
-                params = access.trainable_parameters(selected)
+                params = access.trainable_parameters(selected) + list(extra_params)
                 access.set_selection(selected)
                 total.backward(inputs=params)
                 if on_phase:
@@ -239,6 +255,7 @@ def train_local(
         importance=(importance_sum / steps).float(),
         trained=selection_counts > 0,
         selection_counts=selection_counts,
+        activation=(dispatched / routed_tokens.clamp_min(1)).float().cpu(),
         experts_trained_mean=float(selection_counts.sum()) / steps,
         peak_mem_bytes=weight_bytes(model) + peak.added_bytes,
         wall_s=time.perf_counter() - start,

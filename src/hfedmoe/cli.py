@@ -19,6 +19,7 @@ from hfedmoe.compare import add_compare_flags, compare_command
 from hfedmoe.config import (
     EMBEDDED_DATASET,
     EMBEDDED_MODEL,
+    SPECIALISED_MODEL,
     ConfigError,
     RunConfig,
     parse_float_list,
@@ -62,7 +63,9 @@ _HELP = {
     "resume": "continue the run in --out from its last checkpoint (saved after every round) up to --rounds",
     "seed": "random seed (data split, partitions, initialisation)",
     "out": "run directory (default runs/<timestamp>)",
-    "model": f"model: {EMBEDDED_MODEL!r} (default), a Hugging Face MoE checkpoint (local directory or hub id: "
+    "model": f"model: {EMBEDDED_MODEL!r} (default: upcycled, every expert a copy of one FFN), "
+             f"{SPECIALISED_MODEL!r} (its experts and routers first specialised by topic on a public share of "
+             "the embedded data no client holds; built once, cached), a Hugging Face MoE checkpoint (local directory or hub id: "
              "Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, ...) or a BERT-style encoder to upcycle",
     "dataset": f"dataset: {EMBEDDED_DATASET!r} (default, embedded), a local .csv/.jsonl/.parquet file, or a "
                "hub id when online (ag_news, piqa, hellaswag, cais/mmlu map their own fields)",

@@ -34,6 +34,11 @@ TASKS = ("classification", "multiple-choice", "causal-lm")
 CLASSIFIERS = ("auto", "head", "label-words")  # classification on a MoE checkpoint: new head or label words
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # --dtype (hfedmoe.recipe.device resolves auto)
 EMBEDDED_MODEL = "embedded-minilm-moe"
+# The same upcycled MiniLM whose experts and routers were first specialised on a public share
+# of the embedded data that no client holds (hfedmoe.recipe.specialise): experts that differ
+# and routing that differs by topic, built once on first use and cached.
+SPECIALISED_MODEL = "embedded-minilm-moe-specialised"
+EMBEDDED_MODELS = (EMBEDDED_MODEL, SPECIALISED_MODEL)
 # --calibration analytic: the first-principles memory estimate, no measurement (possibly
 # below the real peak); unset: the cached calibration of the run's shape, measured on
 # first use (hfedmoe.budgets.calibration)
@@ -170,7 +175,7 @@ class RunConfig:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.classifier not in CLASSIFIERS:
             raise ConfigError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
-        if self.task != "classification" and self.model == EMBEDDED_MODEL:
+        if self.task != "classification" and self.model in EMBEDDED_MODELS:
             raise ConfigError(f"--task {self.task} scores text with a language-model head; the embedded MiniLM "
                               "is an encoder without one: pass a MoE causal LM with --model (e.g. a Mixtral, "
                               "Qwen-MoE, OLMoE or DeepSeek checkpoint)")
@@ -339,7 +344,7 @@ class RunConfig:
         bad = [n for n in names if not n.isidentifier()]
         if bad:
             raise ConfigError(f"--lora-targets takes comma-separated module names like q_proj,v_proj, got {bad[0]!r}")
-        if self.model == EMBEDDED_MODEL:
+        if self.model in EMBEDDED_MODELS:
             raise ConfigError(f"--lora-rank applies to Hugging Face MoE checkpoints with fused experts; the embedded "
                               f"{EMBEDDED_MODEL!r} is fine-tuned fully: drop --lora-rank or pass --model DIR")
 
@@ -351,7 +356,7 @@ class RunConfig:
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.load_in_4bit:
-            if self.model == EMBEDDED_MODEL:
+            if self.model in EMBEDDED_MODELS:
                 raise ConfigError(f"--load-in-4bit quantizes a Hugging Face checkpoint's linear layers; the embedded "
                                   f"{EMBEDDED_MODEL!r} is small and fine-tuned fully: drop --load-in-4bit or pass "
                                   "--model DIR")

@@ -55,12 +55,12 @@ def embedded() -> nn.Module:
     return build_upcycled_classifier(spec, pretrained=False)
 
 
-CASES = {  # builder, family name, access class, optimizer_slices_experts, router_modules given
-    "embedded": (embedded, "modular", ModularMoEAccess, False, True),
-    "tiny-upcycled": (tiny_moe, "modular", ModularMoEAccess, False, True),
-    "fused": (tiny_fused, "fused", FusedMoEAccess, True, False),
-    "lora": (tiny_lora, "lora", LoraMoEAccess, False, False),
-    "switch": (tiny_switch, "switch", SwitchMoEAccess, False, False),
+CASES = {  # builder, family name, access class, optimizer_slices_experts
+    "embedded": (embedded, "modular", ModularMoEAccess, False),
+    "tiny-upcycled": (tiny_moe, "modular", ModularMoEAccess, False),
+    "fused": (tiny_fused, "fused", FusedMoEAccess, True),
+    "lora": (tiny_lora, "lora", LoraMoEAccess, False),
+    "switch": (tiny_switch, "switch", SwitchMoEAccess, False),
 }
 
 
@@ -73,7 +73,7 @@ def test_the_table_is_ordered_and_names_each_family_once():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_make_access_picks_the_family_of_the_layout(case):
-    build, name, cls, _, _ = CASES[case]
+    build, name, cls, _ = CASES[case]
     model = build()
     assert family_of(model).name == name
     access = make_access(model)
@@ -82,7 +82,7 @@ def test_make_access_picks_the_family_of_the_layout(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_access_class_implements_every_protocol_member(case):
-    build, _, cls, slices, has_routers = CASES[case]
+    build, _, cls, slices = CASES[case]
     access = make_access(build())
     assert isinstance(access, MoEAccess)
     for name in sorted(protocol_members()):
@@ -93,11 +93,18 @@ def test_every_access_class_implements_every_protocol_member(case):
     assert access.optimizer_slices_experts is slices
     assert access.num_experts_total == access.num_layers * access.num_experts
     assert len(access.layer_names) == access.num_layers
-    routers = access.router_modules()
-    if has_routers:
-        assert len(routers) == access.num_layers and all(isinstance(r, nn.Linear) for r in routers)
-    else:
-        assert routers is None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_layout_overrides_routing_and_scales_the_routed_output(case):
+    """routing_override / routed_output_scale open and close on every layout (the Hugging
+    Face layouts' behaviour is tested in tests/moe/test_routing_override.py)."""
+    access = make_access(CASES[case][0]())
+    mask = torch.ones(access.num_layers, access.num_experts, dtype=torch.bool)
+    mask[:, 0] = False
+    with access.routing_override(mask, top_k=1) as capture, access.routed_output_scale(torch.ones(access.num_layers)):
+        assert len(capture.logits) == access.num_layers
+    assert isinstance(access.renormalizes_top_k, bool)
 
 
 def test_memory_estimate_top_k_keeps_the_resource_model_s_values():

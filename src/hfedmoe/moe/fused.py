@@ -40,6 +40,21 @@ scores the model gathers its top-k expert weights from:
 - A config attribute ``scoring_func`` ("softmax" | "sigmoid"), when present, overrides
   the structural rule; any other scoring function is rejected at construction.
 
+Routing override (FedMoE, SEER-MoE, FLAME)
+------------------------------------------
+The routers compute their logits and top-k in one forward, so a routing mask cannot be
+applied to their output. :meth:`FusedMoEAccess.routing_override` hooks each router and
+re-runs its own rule on the logits it returned, with the mask and top-k applied inside
+the rule (:mod:`hfedmoe.moe.routing`, one pure function per family): removed experts get
+logit -inf, i.e. softmax probability 0 (Mixtral, Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V2:
+the softmax runs over the kept experts; renormalisation and ``routed_scaling_factor``
+as the router does them) or sigmoid score 0 and no say in DeepSeek-V3's group scores
+(a group without kept experts is never chosen; more groups are taken, in order of
+score, when the chosen ones hold fewer than top-k kept experts). The rule is checked
+once against the router's own output and a router it does not reproduce is refused.
+:meth:`FusedMoEAccess.routed_output_scale` hooks the experts module, whose output is the
+routed combination (shared experts and the residual are added after it).
+
 ``e_score_correction_bias`` is a persistent buffer in the state dict. It belongs to
 the ROUTER group: it is part of the routing function G_l and only makes sense
 together with the router weight it corrects, so both are merged with the same gate
@@ -498,11 +513,6 @@ class FusedMoEAccess:
             child = (key[len(block.name) + 1:] if block.name else key).split(".", 1)[0]
             out.append(self.model.get_submodule(_join(block.name, child)))
         return out
-
-    def router_modules(self) -> None:
-        """None: fused routers return ``(logits, top-k weights, top-k indices)``, not bare
-        logits; routing masks and gate-entropy losses go through :meth:`routing_override`."""
-        return None
 
     @property
     def fused_parameters(self) -> Mapping[str, nn.Parameter]:

@@ -120,10 +120,6 @@ class ModularMoEAccess:
         """The analytic memory estimate counts each token's ``top_k`` expert activations."""
         return self.top_k
 
-    def router_modules(self) -> list[nn.Module]:
-        """Each layer's ``router``: a bare Linear whose forward returns the router logits."""
-        return [layer.router for layer in self.layers]
-
     def expert_param_names(self, layer: int, expert: int) -> list[str]:
         """State-dict names of expert ``expert`` of MoE layer ``layer``."""
         return self._expert_names[(layer, expert)]

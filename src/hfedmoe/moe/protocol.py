@@ -166,12 +166,6 @@ class MoEAccess(Protocol):
         """Partition of the keys of :meth:`state_dict`."""
         ...
 
-    def router_modules(self) -> list[nn.Module] | None:
-        """Per MoE layer, the router module whose forward returns the router logits
-        (for routing masks and gate-entropy losses); None where the layout's routers
-        return something else."""
-        ...
-
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 

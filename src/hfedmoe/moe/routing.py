@@ -12,6 +12,13 @@ G_e (what ``router_probs()`` returns) is the router's own score function applied
 logits the router returned, over ALL experts (see :func:`score_function` and the
 docstring of :mod:`hfedmoe.moe.fused`); dispatch is built from the router's returned
 top-k indices, never recomputed.
+
+``routing_override`` (routing masks, per-client top-k) re-runs each router's own rule
+with the mask and top-k applied inside it: one pure function per family below
+(:func:`mixtral_routing`, :func:`softmax_topk_routing`, :func:`deepseek_v2_routing`,
+:func:`deepseek_v3_routing`, :func:`switch_routing`), called by a forward hook on the
+router (:class:`RoutingOverrideHook`) that runs before :func:`router_hook`, so the
+records above are those of the overridden routing.
 """
 
 from __future__ import annotations
@@ -364,6 +371,7 @@ class RoutingOverrideHook:
                  num_experts: int):
         self.rule, self.keep, self.top_k = rule, keep, top_k
         self.capture, self.index, self.num_experts = capture, index, num_experts
+        self.kept = routed_count(keep, num_experts, num_experts)  # once: no device sync per forward
         self.checked = False
 
     def __call__(self, module: nn.Module, args: tuple, output):
@@ -371,7 +379,7 @@ class RoutingOverrideHook:
         items = list(output)
         logits, weights, indices = (items[p] for p in positions)
         model_k = indices.shape[-1]
-        k = routed_count(self.keep, self.top_k or model_k, self.num_experts)
+        k = min(self.top_k or model_k, self.kept)
         masked = masked_logits(logits, self.keep)
         self.capture.logits[self.index] = masked
         if self.keep is None and k == model_k:

@@ -15,6 +15,12 @@ G_e is ``softmax(router_logits)`` over all experts (the router computes it in
 ``router_dtype``, float32 by default); dispatch is the router's returned one-hot
 ``expert_index``, i.e. top-1 AFTER the expert-capacity cut: a token over its expert's
 capacity is dispatched to no expert (an all-False row).
+
+:meth:`SwitchMoEAccess.routing_override` re-runs the router's rule
+(:func:`~hfedmoe.moe.routing.switch_routing`) with the routing mask (logit -inf) and a
+top-k (each chosen expert weighted by its probability, capacity per expert);
+:meth:`SwitchMoEAccess.routed_output_scale` scales the experts' combined output, before
+the residual that ``SwitchTransformersLayerFF`` adds.
 """
 
 from __future__ import annotations
@@ -362,11 +368,6 @@ class SwitchMoEAccess:
         finally:
             for handle in handles:
                 handle.remove()
-
-    def router_modules(self) -> None:
-        """None: Switch routers return ``(expert_index, router_probs, router_logits)``, not
-        bare logits; routing masks and gate-entropy losses go through :meth:`routing_override`."""
-        return None
 
     @contextlib.contextmanager
     def freeze_unselected(

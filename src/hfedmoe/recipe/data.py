@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hfedmoe.config import EMBEDDED_DATASET, ConfigError, RunConfig
+from hfedmoe.config import EMBEDDED_DATASET, SPECIALISED_MODEL, ConfigError, RunConfig
 from hfedmoe.data import (
     TensorBatches,
     holdout_split,
@@ -48,11 +48,15 @@ class DataSpec:
     choices_column: str = "choices"
     answer_column: str = "answer"
     response_column: str = "response"
+    without_public_share: bool = False  # drop the embedded data's public share (the specialised model saw it)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "DataSpec":
+        # The specialised model was trained on PUBLIC_SHARE of the embedded data: no client
+        # trains on those examples and no test scores them.
+        hidden = cfg.model == SPECIALISED_MODEL and cfg.dataset == EMBEDDED_DATASET
         return cls(cfg.dataset, cfg.task, cfg.text_column, cfg.label_column, cfg.choices_column,
-                   cfg.answer_column, cfg.response_column)
+                   cfg.answer_column, cfg.response_column, hidden)
 
 
 COLUMN_FIELDS = ("text_column", "label_column", "choices_column", "answer_column", "response_column")
@@ -116,10 +120,28 @@ def load_dataset_split(spec: DataSpec | str, test_fraction: float, seed: int) ->
     """Train/test split of the run's dataset (fixed seed, stratified, duplicates dropped)."""
     spec = DataSpec(spec) if isinstance(spec, str) else spec
     data = deduplicate(load_examples(spec))
+    if spec.without_public_share:
+        data = public_share_split(data)[1]
     try:
         return train_test_split(data, test_fraction=test_fraction, seed=seed)
     except ValueError as err:
         raise ConfigError(f"--dataset {spec.dataset}: {err}") from None
+
+
+# The share of the (deduplicated) embedded data set aside as public, stratified, with its own
+# fixed seed: the specialised model's training data (hfedmoe.recipe.specialise), never a client's.
+PUBLIC_SHARE = 0.15
+PUBLIC_SEED = 20261202
+
+
+def public_share_split(data: TextDataset) -> tuple[TextDataset, TextDataset]:
+    """(public share, the rest) of the embedded data: fixed, whatever the run's seed."""
+    return train_test_split(data, test_fraction=1.0 - PUBLIC_SHARE, seed=PUBLIC_SEED)
+
+
+def public_examples() -> TextDataset:
+    """The embedded data's public share (what the specialised model trains on)."""
+    return public_share_split(deduplicate(load_bbc_news()))[0]
 
 
 def dataset_split(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from hfedmoe.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from hfedmoe.config import EMBEDDED_MODELS, SPECIALISED_MODEL, ConfigError, RunConfig
 from hfedmoe.models.hf_wrappers import (
     HFCausalLM,
     HFSequenceClassifier,
@@ -24,6 +24,7 @@ from hfedmoe.moe.switch import decoder_layer_flags
 from hfedmoe.recipe.data import label_names, num_labels
 from hfedmoe.recipe.device import check_runtime, run_device, run_dtype
 from hfedmoe.recipe.sources import hf_config, model_kind, quiet_transformers, resolve_model_path, tokenizer_for
+from hfedmoe.recipe.specialise import load_specialised
 
 
 def model_spec(cfg: RunConfig) -> dict:
@@ -149,7 +150,7 @@ def num_moe_layers(cfg: RunConfig) -> int:
     dense-only layers (e.g. DeepSeek's first_k_dense_replace) are left out.
     """
     if model_kind(cfg) == "upcycle":
-        config = hf_config(cfg) if cfg.model != EMBEDDED_MODEL else None
+        config = hf_config(cfg) if cfg.model not in EMBEDDED_MODELS else None
         if config is None:
             return int(json.loads((resolve_model_path(cfg) / "config.json").read_text())["num_hidden_layers"])
         return int(config.num_hidden_layers)
@@ -223,7 +224,10 @@ def build_model(cfg: RunConfig, pretrained: bool) -> torch.nn.Module:
     else:
         _check_lora(cfg, None)
         spec = UpcycledSpec(**{k: v for k, v in model_spec(cfg).items() if k != "kind"})
-        model = build_upcycled_classifier(spec, pretrained=pretrained, seed=cfg.seed).to(run_dtype(cfg))
+        model = build_upcycled_classifier(spec, pretrained=pretrained, seed=cfg.seed)
+        if pretrained and cfg.model == SPECIALISED_MODEL:
+            load_specialised(model, cfg.num_experts, cfg.top_k)  # built (trained) on first use only
+        model = model.to(run_dtype(cfg))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(cfg, model)
     if not cfg.load_in_4bit:  # a quantized model was placed on its device as it loaded

@@ -8,14 +8,14 @@ import logging
 import os
 from pathlib import Path
 
-from hfedmoe.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from hfedmoe.config import EMBEDDED_MODELS, ConfigError, RunConfig
 from hfedmoe.data import load_tokenizer
 from hfedmoe.models.upcycled import embedded_model_path
 
 
 def resolve_model_path(cfg: RunConfig) -> Path:
     """Local directory of the run's model (the embedded MiniLM by default)."""
-    if cfg.model == EMBEDDED_MODEL:
+    if cfg.model in EMBEDDED_MODELS:
         return embedded_model_path()
     path = Path(cfg.model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
@@ -29,7 +29,7 @@ def resolve_model_path(cfg: RunConfig) -> Path:
 def quiet_transformers(cfg: RunConfig | None = None) -> None:
     # Local and embedded models never touch the hub; a hub id is the user's explicit
     # request to download (when online).
-    if cfg is None or cfg.model == EMBEDDED_MODEL or Path(cfg.model).expanduser().is_dir():
+    if cfg is None or cfg.model in EMBEDDED_MODELS or Path(cfg.model).expanduser().is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging  # heavy (seconds): only paths that need it pay
 
@@ -71,7 +71,7 @@ def hf_config(cfg: RunConfig):
 
 def model_kind(cfg: RunConfig) -> str:
     """"upcycle" for a dense BERT-style encoder (made MoE here), "hf" for a MoE checkpoint."""
-    if cfg.model == EMBEDDED_MODEL:
+    if cfg.model in EMBEDDED_MODELS:
         return "upcycle"
     config = hf_config(cfg)
     return "upcycle" if getattr(config, "model_type", "") == "bert" else "hf"

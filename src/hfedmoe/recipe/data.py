@@ -144,6 +144,14 @@ def public_examples() -> TextDataset:
     return public_share_split(deduplicate(load_bbc_news()))[0]
 
 
+def private_sample(size: int) -> TextDataset:
+    """``size`` examples of the embedded data outside its public share (fixed): for
+    measuring the specialised model on text it never trained on."""
+    rest = public_share_split(deduplicate(load_bbc_news()))[1]
+    fraction = min(0.5, size / len(rest.texts))
+    return train_test_split(rest, test_fraction=fraction, seed=PUBLIC_SEED)[1]
+
+
 def dataset_split(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
     """The shared dataset's (train, test); with ``--labels``, class ids in that order."""
     train, test = load_dataset_split(DataSpec.of(cfg), cfg.test_fraction, cfg.seed)

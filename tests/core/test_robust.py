@@ -33,11 +33,22 @@ def test_screen_rejects_the_client_far_above_the_median_only():
     norms = {"dense": {0: 1.0, 1: 1.3, 2: 0.8, 3: 1300.0}, "expert 0 of layer 0": {0: 0.2, 3: 900.0}}
     rejected = screen_by_norm(norms, threshold=10.0)
     assert list(rejected) == [3]
-    assert "dense" in rejected[3] and "4 holders" in rejected[3] and "limit 10x" in rejected[3]
+    assert "dense" in rejected[3] and "4 clients that changed it" in rejected[3] and "limit 10x" in rejected[3]
     # Two holders: the median cannot single one out, so the group is not judged.
     assert screen_by_norm({"expert 0 of layer 0": {0: 0.2, 3: 900.0}}, 10.0) == {}
     assert screen_by_norm(norms, threshold=0) == {}  # off
     assert list(screen_by_norm({"g": {0: 1.0, 1: 1.0, 2: math.inf}}, 10.0)) == [2]
+
+
+def test_clients_that_left_a_group_unchanged_neither_set_the_median_nor_fail():
+    """An expert most clients' tokens never reach (a specialised router) comes back
+    unchanged from them: norm 0. The few that trained it must not read as infinitely far
+    above a median of 0 (measured on the specialised start: every such client was rejected)."""
+    norms = {"expert 1 of layer 2": {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0, 4: 0.9, 5: 1.1, 6: 0.0}}
+    assert screen_by_norm(norms, threshold=10.0) == {}
+    norms["expert 1 of layer 2"].update({7: 1.0, 8: 500.0})  # 4 changed it: judged among those
+    rejected = screen_by_norm(norms, threshold=10.0)
+    assert list(rejected) == [8] and "4 clients that changed it" in rejected[8]
 
 
 def test_honest_spread_passes_the_screen():

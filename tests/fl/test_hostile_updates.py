@@ -64,7 +64,7 @@ def test_the_norm_screen_rejects_the_destructive_client(setting, runs, tmp_path,
     row, state = run(setting, tmp_path / "r", monkeypatch, f"3@1:{kind}")
     assert [f["id"] for f in row["failures"]] == [3]
     assert row["failures"][0]["kind"] == "rejected-update"
-    assert "x the median of the round's 4 holders" in row["failures"][0]["reason"]
+    assert "x the median of the round's 4 clients that changed it" in row["failures"][0]["reason"]
     assert sorted(c["id"] for c in row["clients"]) == [0, 1, 2]
     # Exactly the round without that client.
     absent_row, absent_state = runs["absent"]

@@ -40,9 +40,10 @@ def screen_by_norm(norms: Mapping[str, Mapping[int, float]], threshold: float,
                    min_holders: int = MIN_HOLDERS_TO_SCREEN) -> dict[int, str]:
     """Clients whose update is out of proportion with the round's other holders.
 
-    A client is rejected when, in some group held by at least ``min_holders`` clients,
-    its update norm exceeds ``threshold`` times the median norm of that group's
-    holders. The median is robust to a minority of attackers: a client scaling its
+    A client is rejected when, in some group changed by at least ``min_holders`` clients,
+    its update norm exceeds ``threshold`` times the median norm of the clients that
+    changed it (a non-finite norm is always rejected; an unchanged group, norm 0, is
+    never judged nor counted). The median is robust to a minority of attackers: a client scaling its
     update by 1e3, or replacing it by noise of the weights' scale, lands far above it,
     while honest clients' norms stay within a small factor of each other.
 
@@ -64,16 +65,21 @@ def screen_by_norm(norms: Mapping[str, Mapping[int, float]], threshold: float,
     if threshold <= 0:
         return rejected
     for group, by_client in norms.items():
-        if len(by_client) < min_holders:
-            continue
-        median = float(torch.tensor(sorted(by_client.values()), dtype=torch.float64).median())
         for client, norm in sorted(by_client.items()):
-            if client in rejected:
-                continue
-            if not math.isfinite(norm) or norm > threshold * max(median, 1e-12):
-                ratio = norm / median if median > 0 else float("inf")
-                rejected[client] = (f"update norm of {group} is {ratio:.3g}x the median of the round's "
-                                    f"{len(by_client)} holders (limit {threshold:g}x)")
+            if not math.isfinite(norm) and client not in rejected:
+                rejected[client] = f"update norm of {group} is not finite"
+        # A client that sent the group back unchanged (norm 0: e.g. an expert no token of
+        # its data was routed to) holds no update of it: it neither sets the median nor
+        # could exceed it. Otherwise a group most clients leave untouched has median 0,
+        # and every client that did train it would read as infinitely far above it.
+        moved = {c: n for c, n in by_client.items() if math.isfinite(n) and n > 0}
+        if len(moved) < min_holders:
+            continue
+        median = float(torch.tensor(sorted(moved.values()), dtype=torch.float64).median())
+        for client, norm in sorted(moved.items()):
+            if client not in rejected and norm > threshold * median:
+                rejected[client] = (f"update norm of {group} is {norm / median:.3g}x the median of the round's "
+                                    f"{len(moved)} clients that changed it (limit {threshold:g}x)")
     return rejected
 
 

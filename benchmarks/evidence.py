@@ -21,11 +21,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
 METHODS = "hfedmoe,fedavg-full,fedavg,pfl-moe,fedmoe,seer-moe,flame,random"
 BUDGET_RESPECTING = ("fedavg", "pfl-moe", "fedmoe", "seer-moe", "flame", "random")
 # 8 clients, Dirichlet 0.1, seven of eight below full fine-tuning (L x S = 48 experts)
 HARD = ["--clients", "8", "--alpha", "0.1", "--expert-budgets", "6,6,8,12,12,16,24,48", "--rounds", "6",
-        "--local-steps", "4", "--max-length", "32", "--batch-size", "16", "--engine", "inprocess"]
+        "--local-steps", "4", "--max-length", "32", "--batch-size", "16", "--engine", "inprocess",
+        "--evaluation", "both"]  # both: the server's test split, and each client's own share (per-client accuracy)
 SETTINGS = {
     "specialised-hard": ["--model", "embedded-minilm-moe-specialised", *HARD],
     "upcycled-hard": ["--model", "embedded-minilm-moe", *HARD],
@@ -81,6 +87,12 @@ def usage_similarity(run_dir: Path) -> float:
     return statistics.mean(pairs) if pairs else float("nan")
 
 
+def per_client_accuracy(run_dir: Path) -> dict[str, float]:
+    """Each client's accuracy on its own share of the test split, after the last round."""
+    last = _rows(run_dir)[-1].get("federated") or {}
+    return {pid: c["accuracy"] for pid, c in (last.get("per_client") or {}).items()}
+
+
 def trained_token_share(run_dir: Path) -> float:
     """Mean over client-rounds of the share of routed token slots that went to experts the
     client trained that round (activation frequency summed over trained experts / top-k)."""
@@ -122,6 +134,7 @@ def report(setting: str, out: Path) -> dict:
             "client_rounds": sum(by_seed[s]["client_rounds"] for s in finished),
             "usage_similarity": statistics.mean(usage_similarity(d) for d in dirs),
             "trained_token_share": statistics.mean(trained_token_share(d) for d in dirs),
+            "per_client_accuracy": {str(s): per_client_accuracy(d) for s, d in zip(finished, dirs)},
         }
     respecting = [m for m in BUDGET_RESPECTING if m in table and table[m]["seeds"] == seeds]
     best_baseline = max(respecting, key=lambda m: table[m]["final"][0]) if respecting else None
@@ -134,10 +147,35 @@ def report(setting: str, out: Path) -> dict:
                   "hfedmoe_wins": sum(d > 0 for d in diffs), "seeds": len(diffs)}
     result = {"setting": setting, "flags": SETTINGS.get(setting), "seeds": seeds, "target_share": TARGET_SHARE,
               "targets": target, "methods": table, "paired": paired}
+    plot_curves(runs, seeds, out / setting / "accuracy_vs_round.png", setting)
     (out / setting / "evidence.json").write_text(json.dumps(result, indent=1))
     (out / setting / "evidence.md").write_text(markdown(result))
     print(markdown(result))
     return result
+
+
+def plot_curves(runs: dict[str, dict[int, dict]], seeds: list[int], path: Path, title: str) -> None:
+    """Test accuracy per round, mean over the seeds with a band of one standard deviation."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, by_seed in sorted(runs.items()):
+        curves = [by_seed[s]["accuracy"] for s in seeds if s in by_seed]
+        if not curves:
+            continue
+        length = min(map(len, curves))
+        mean = [statistics.mean(c[r] for c in curves) for r in range(length)]
+        std = [statistics.stdev(c[r] for c in curves) if len(curves) > 1 else 0.0 for r in range(length)]
+        style = "-" if label.startswith("hfedmoe") else "--"
+        line, = ax.plot(range(length), mean, style, marker="o", markersize=3, label=f"{label} ({len(curves)})")
+        ax.fill_between(range(length), [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:

@@ -129,6 +129,11 @@ def test_sites_train_on_their_own_files_and_evaluation_is_federated(mixtral, sit
     # Each client trained on the training part of its own file, and scored on the rest.
     held = [load_client_test(cfg, pid).num_samples for pid in range(3)]
     assert history[0]["federated"]["examples"] == sum(held)
+    # Each client's own score is kept too, and the pooled one is their example-weighted mean.
+    per_client = history[-1]["federated"]["per_client"]
+    assert [per_client[str(pid)]["examples"] for pid in range(3)] == held
+    pooled = sum(c["accuracy"] * c["examples"] for c in per_client.values()) / sum(held)
+    assert history[-1]["federated"]["accuracy"] == pytest.approx(pooled, abs=1e-12)
     trained = {c["id"]: c["num_examples"] for c in history[1]["clients"]}
     assert trained == {pid: load_client_data(cfg, pid).num_examples for pid in range(3)}
     assert [trained[p] + held[p] for p in range(3)] == [15, 16, 12]

@@ -293,13 +293,15 @@ def federated_evaluate(grid: Grid, node_partitions: dict[int, int], arrays: Arra
     scores, weighted by what each client scored (examples; response tokens for causal-lm).
 
     Returns accuracy, loss, examples, the partition ids that answered (``clients``),
-    the failures (a client that errs or times out is left out, not fatal) and the
-    bytes sent (``bytes_down``; not in the row's training ``bytes_down``).
+    each one's own accuracy and examples (``per_client``, keyed by partition id), the
+    failures (a client that errs or times out is left out, not fatal) and the bytes
+    sent (``bytes_down``; not in the row's training ``bytes_down``).
     """
     config = ConfigRecord({"run-config": run_config_json, "server-round": server_round})
     messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                         message_type=MessageType.EVALUATE) for node in sorted(node_partitions)]
     answered, failures = [], []
+    per_client: dict[str, dict] = {}
     weight = correct = loss = 0.0
     examples = 0
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
@@ -317,11 +319,13 @@ def federated_evaluate(grid: Grid, node_partitions: dict[int, int], arrays: Arra
         loss += float(metrics["loss"]) * w
         examples += int(metrics["num-examples"])
         answered.append(pid)
+        per_client[str(pid)] = {"accuracy": float(metrics["accuracy"]), "examples": int(metrics["num-examples"])}
     missing = len(messages) - len(replies)
     if missing:
         failures.append(f"{missing} client(s) did not answer within {timeout_s:.0f}s")
     return {"accuracy": correct / weight if weight else 0.0, "loss": loss / weight if weight else 0.0,
             "examples": examples, "clients": sorted(answered), "failures": failures,
+            "per_client": dict(sorted(per_client.items(), key=lambda kv: int(kv[0]))),
             "bytes_down": record_nbytes(arrays) * len(messages)}  # the model, once to every client
 
 

@@ -47,15 +47,18 @@ from hfedmoe.moe import MoEAccess, make_access
 from hfedmoe.recipe.data import private_sample, public_examples
 from hfedmoe.recipe.sources import tokenizer_for
 
-VERSION = 2  # bump when the recipe changes: a new cache file
-BRANCH_STEPS = 80
+VERSION = 3  # bump when the recipe changes: a new cache file
+BRANCH_STEPS = 40
 ROUTER_STEPS = 60
 BATCH_SIZE = 16
 MAX_LENGTH = 64
 EXPERT_LR = 3e-4
 ROUTER_LR = 3e-3
 ROUTING_LOSS_COEF = 1.0
-SEED = 0
+# The build's own seed, far from the run seeds people use (0, 1, 2, ...): with SEED = 0 the
+# temporary head started where a seed-0 run's head starts, so a seed-0 run began at 85%
+# accuracy before any federated round and other seeds did not (measured, version 2).
+SEED = 1000
 
 
 def cache_path(num_experts: int, top_k: int) -> Path:

@@ -131,7 +131,8 @@ def report(setting: str, out: Path) -> dict:
             "experts_per_batch": statistics.mean(by_seed[s]["experts_trained_mean"] for s in finished),
             "budget_violations": sum(by_seed[s]["budget_violations"] for s in finished),
             "failed_client_rounds": sum(by_seed[s]["failed_client_rounds"] for s in finished),
-            "client_rounds": sum(by_seed[s]["client_rounds"] for s in finished),
+            # every client-round, trained or failed
+            "client_rounds": sum(by_seed[s]["client_rounds"] + by_seed[s]["failed_client_rounds"] for s in finished),
             "usage_similarity": statistics.mean(usage_similarity(d) for d in dirs),
             "trained_token_share": statistics.mean(trained_token_share(d) for d in dirs),
             "per_client_accuracy": {str(s): per_client_accuracy(d) for s, d in zip(finished, dirs)},

@@ -239,3 +239,13 @@ def one_round(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
     """One HFedMoE round in-process: returns (old state, per-client replies' metrics, new state)."""
     _, state, replies, new = one_round_replies(cfg)
     return state, [reply.metrics for reply in replies], new
+
+
+def tiny_switch() -> torch.nn.Module:
+    """A tiny Switch Transformer (one sparse encoder and one sparse decoder layer, 4 experts)."""
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=100, d_model=32, d_kv=16, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=2,
+        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=64,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    return transformers.SwitchTransformersForConditionalGeneration(config)

@@ -32,12 +32,22 @@ def mixtral(tmp_path_factory, tokenizer):
     return save_family("mixtral", root / "model", tokenizer), write_data(root / "data.csv")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine by far."""
-    import torch
+def _single_thread():
+    import torch  # the suite's collection must not pay for torch before a test needs it
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest, and on a busy 2-core machine by far."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """``one_thread`` for a whole module of tiny-model tests (``pytestmark = usefixtures``)."""
+    yield from _single_thread()

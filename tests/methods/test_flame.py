@@ -22,12 +22,7 @@ from hfedmoe.recipe import ClientData
 from builders import K, L, LABELS, S, VOCAB, mixtral_config, tiny_moe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models: one thread is fastest
 
 
 def client_data(n: int = 24, t: int = 10) -> ClientData:

@@ -35,13 +35,7 @@ from hfedmoe.training import BatchRouting, LocalTrainConfig, train_local
 from builders import K, L, LABELS, S, VOCAB, tiny_moe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models: one thread is fastest
 
 
 def routing(candidates: torch.Tensor, budget: int, seed: int = 0) -> BatchRouting:

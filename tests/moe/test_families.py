@@ -18,7 +18,7 @@ from hfedmoe.moe.modular import ModularMoEAccess
 from hfedmoe.moe.switch import SwitchMoEAccess
 
 from builders import FAMILIES as HF_FAMILIES
-from builders import K, L, tiny_bert, tiny_config, tiny_moe
+from builders import K, L, tiny_bert, tiny_config, tiny_moe, tiny_switch
 
 
 def protocol_members() -> set[str]:
@@ -39,15 +39,6 @@ def tiny_lora() -> nn.Module:
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_config(config)
     return apply_lora(model, 2, 4.0, None, seed=0)
-
-
-def tiny_switch() -> nn.Module:
-    config = transformers.SwitchTransformersConfig(
-        vocab_size=100, d_model=32, d_kv=16, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=2,
-        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=64,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    torch.manual_seed(0)
-    return transformers.SwitchTransformersForConditionalGeneration(config)
 
 
 def embedded() -> nn.Module:

@@ -40,6 +40,14 @@ def grads(model: nn.Module, deferred: bool, selection: torch.Tensor | None,
     return {n: p.grad for n, p in model.named_parameters()}
 
 
+def partial_selection(num_layers: int, num_experts: int) -> torch.Tensor:
+    """Expert 1 of every layer, plus the last expert of the last layer."""
+    selection = torch.zeros(num_layers, num_experts, dtype=torch.bool)
+    selection[:, 1] = True
+    selection[num_layers - 1, num_experts - 1] = True
+    return selection
+
+
 @families
 def test_the_deferred_forward_gives_the_models_own_output(name):
     model = tiny_model(name).eval()
@@ -74,9 +82,7 @@ def test_partial_selection_trains_only_the_selected_slices(name):
     model = tiny_model(name)
     access = make_access(model)
     L, E = access.num_layers, access.num_experts
-    selection = torch.zeros(L, E, dtype=torch.bool)
-    selection[:, 1] = True
-    selection[L - 1, E - 1] = True
+    selection = partial_selection(L, E)
     plain, deferred = grads(model, False, selection), grads(model, True, selection)
     for (layer, expert), keys in access.param_groups().experts.items():
         for key in keys:
@@ -101,9 +107,7 @@ def test_freeze_gives_plain_autograds_gradients_except_on_unselected_slices(name
     model = tiny_model(name)
     access = make_access(model)
     L, E = access.num_layers, access.num_experts
-    selection = torch.zeros(L, E, dtype=torch.bool)
-    selection[:, 1] = True
-    selection[L - 1, E - 1] = True
+    selection = partial_selection(L, E)
     plain = grads(model, False, selection)
     frozen = grads(model, True, selection, unselected="freeze")
     detached = grads(model, True, selection, unselected="detach")

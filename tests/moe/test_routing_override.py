@@ -24,28 +24,13 @@ from hfedmoe.moe.lora import LoraMoEAccess, apply_lora
 from hfedmoe.moe.routing import deepseek_v3_routing, fused_routing_rule, switch_routing
 from hfedmoe.recipe import build_model, load_client_data
 
-from builders import FAMILIES, inputs, save_family, sharp_causal_lm, tiny_config, write_data
+from builders import FAMILIES, inputs, save_family, sharp_causal_lm, tiny_config, tiny_switch, write_data
 
 FUSED = list(FAMILIES)  # mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3
 ALL = FUSED + ["switch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_switch() -> torch.nn.Module:
-    config = transformers.SwitchTransformersConfig(
-        vocab_size=100, d_model=32, d_kv=16, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=2,
-        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=64,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    torch.manual_seed(0)
-    return transformers.SwitchTransformersForConditionalGeneration(config)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models: one thread is fastest
 
 
 def build(name: str) -> torch.nn.Module:

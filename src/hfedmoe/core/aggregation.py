@@ -7,7 +7,7 @@ float64 and cast back, so float32 models do not lose precision over many clients
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,29 @@ def _weighted_dict(
         floating = ref.is_floating_point()
         out[key] = _weighted_sum([d[key] for d in dicts], weights, ref) if floating else ref
     return out
+
+
+def _merge_over_uploaders(
+    previous: Mapping[str, Tensor],
+    updates: Sequence[Mapping[str, Tensor]],
+    weights_of: Callable[[str, list[int]], list[float] | None],
+) -> dict[str, Tensor]:
+    """Each tensor of ``previous`` as the weighted sum over the clients that uploaded it,
+    ``weights_of(key, uploaders)`` giving the weights (None: keep the previous value).
+    Nobody uploaded it: the previous tensor object itself; a non-floating tensor: the
+    first uploader's value."""
+    result: dict[str, Tensor] = {}
+    for key, prev in previous.items():
+        uploaders = [c for c, update in enumerate(updates) if key in update]
+        if not uploaders:
+            result[key] = prev
+            continue
+        if not prev.is_floating_point():
+            result[key] = updates[uploaders[0]][key]
+            continue
+        weights = weights_of(key, uploaders)
+        result[key] = prev if weights is None else _weighted_sum([updates[c][key] for c in uploaders], weights, prev)
+    return result
 
 
 def aggregate_experts(
@@ -103,21 +126,12 @@ def aggregate_experts(
                     f"{tuple(previous[key].shape)}"
                 )
 
-    result: dict[str, Tensor] = {}
-    for key, prev in previous.items():
-        uploaders = [c for c, update in enumerate(updates) if key in update]
-        if not uploaders:
-            result[key] = prev
-            continue
-        tensors = [updates[c][key] for c in uploaders]
-        if not prev.is_floating_point():
-            result[key] = tensors[0]
-            continue
+    def data_size(key: str, uploaders: list[int]) -> list[float]:
         counts = [num_examples[c] for c in uploaders]
         total = sum(counts)
-        weights = [n / total for n in counts] if total > 0 else [1 / len(counts)] * len(counts)
-        result[key] = _weighted_sum(tensors, weights, prev)
-    return result
+        return [n / total for n in counts] if total > 0 else [1 / len(counts)] * len(counts)
+
+    return _merge_over_uploaders(previous, updates, data_size)
 
 
 def activation_weights(frequency: Tensor, num_examples: Sequence[int], temperature: float = 2.0) -> Tensor:
@@ -173,23 +187,13 @@ def aggregate_experts_weighted(
     """
     if weights.dim() != 3 or weights.shape[0] != len(updates):
         raise ValueError(f"weights must be Tensor[C, L, S] with C = {len(updates)} clients, got {tuple(weights.shape)}")
-    result: dict[str, Tensor] = {}
-    for key, prev in previous.items():
-        uploaders = [c for c, update in enumerate(updates) if key in update]
-        if not uploaders:
-            result[key] = prev
-            continue
-        if not prev.is_floating_point():
-            result[key] = updates[uploaders[0]][key]
-            continue
+    def activation(key: str, uploaders: list[int]) -> list[float] | None:
         layer, expert = expert_of[key]
         gamma = [float(weights[c, layer, expert]) for c in uploaders]
         total = sum(gamma)
-        if total <= 0:
-            result[key] = prev
-            continue
-        result[key] = _weighted_sum([updates[c][key] for c in uploaders], [g / total for g in gamma], prev)
-    return result
+        return [g / total for g in gamma] if total > 0 else None
+
+    return _merge_over_uploaders(previous, updates, activation)
 
 
 def gate_weights(

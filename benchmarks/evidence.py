@@ -181,14 +181,14 @@ def plot_curves(runs: dict[str, dict[int, dict]], seeds: list[int], path: Path, 
 
 def markdown(result: dict) -> str:
     lines = [f"### {result['setting']}: {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))})", "",
-             "| method | final accuracy | best accuracy | rounds to 95% of fedavg-full | MB up | experts / batch "
+             "| method (seeds) | final accuracy | best accuracy | rounds to 95% of fedavg-full | MB up | experts / batch "
              "| budget violations | failed client-rounds | client usage similarity | token share of trained experts |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, m in sorted(result["methods"].items(), key=lambda kv: -kv[1]["final"][0]):
         reached = [r for r in m["rounds_to_target"] if r is not None]
         rounds = (f"{statistics.mean(reached):.1f} ({len(reached)}/{len(m['rounds_to_target'])})" if reached
                   else f"— (0/{len(m['rounds_to_target'])})")
-        lines.append(f"| {label} | {m['final'][0]:.4f} ± {m['final'][1]:.4f} | {m['best'][0]:.4f} ± {m['best'][1]:.4f} "
+        lines.append(f"| {label} ({len(m['seeds'])}) | {m['final'][0]:.4f} ± {m['final'][1]:.4f} | {m['best'][0]:.4f} ± {m['best'][1]:.4f} "
                      f"| {rounds} | {m['mb_up']:.0f} | {m['experts_per_batch']:.1f} | {m['budget_violations']} "
                      f"| {m['failed_client_rounds']} / {m['client_rounds']} | {m['usage_similarity']:.3f} "
                      f"| {m['trained_token_share']:.3f} |")

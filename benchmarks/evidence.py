@@ -5,10 +5,15 @@ specialised and the upcycled start; then the figures a reviewer asks for.
     PYTHONPATH=src python benchmarks/evidence.py run specialised-hard --out runs/evidence --seeds 0,1,2
     # tables, paired comparison and where-it-loses figures -> <out>/<setting>/evidence.{md,json}
     PYTHONPATH=src python benchmarks/evidence.py report specialised-hard --out runs/evidence
+    # copy the records a report needs (no checkpoints) into the committed folder
+    PYTHONPATH=src python benchmarks/evidence.py pack specialised-hard --out runs/evidence --to docs/results/evidence
 
 ``run`` calls ``hfedmoe compare`` once per seed (all methods of that seed first, so a cut
 run leaves whole seeds) and once more per seed for HFedMoE with the other
-``--unselected-experts``. ``report`` reads their results.json and the runs' metrics.jsonl.
+``--unselected-experts``. ``report`` reads their results.json and the runs' metrics.jsonl
+(from the run directory, or from the packed copy beside results.json). ``pack`` copies
+each compare's results and plots and each run's config.json, summary.json and
+metrics.jsonl, without checkpoints, so a committed folder can be reported on and resumed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,12 +63,21 @@ def _runs(out: Path, setting: str) -> dict[str, dict[int, dict]]:
         for row in json.loads(results.read_text())["results"]:
             label = "hfedmoe (freeze)" if row["label"].startswith("unselected_experts=") else row["label"]
             for r in row["runs"]:
-                found.setdefault(label, {})[r["seed"]] = r
+                found.setdefault(label, {})[r["seed"]] = {**r, "logs": _run_dir(results, r["run_dir"])}
     return found
 
 
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run_dir(results: Path, recorded: str) -> Path | None:
+    """The run's directory: where compare wrote it, or its packed copy beside results.json
+    (compare lays runs out as <compare dir>/runs/<label>/seed-<s>); None when neither has logs."""
+    for candidate in (Path(recorded), results.parent.joinpath(*Path(recorded).parts[-3:])):
+        if (candidate / "metrics.jsonl").exists():
+            return candidate
+    return None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -75,27 +90,29 @@ def _cosine(a: list[float], b: list[float]) -> float:
     return dot / (na * nb) if na and nb else float("nan")
 
 
-def usage_similarity(run_dir: Path) -> float:
-    """Mean pairwise cosine similarity of the clients' expert usage u_c (all rounds pooled)."""
-    usage: dict[int, list[float]] = {}
-    for row in _rows(run_dir)[1:]:
-        for c in row.get("clients", []):
-            flat = [x for layer in c["usage"] for x in layer]
-            usage[c["id"]] = [a + b for a, b in zip(usage[c["id"]], flat)] if c["id"] in usage else flat
+def usage_similarity(record: dict) -> float:
+    """Mean pairwise cosine similarity of the clients' expert usage u_c (all rounds pooled).
+
+    From compare's per-client usage (the mean over rounds: the same direction as the sum)."""
+    usage = {pid: [x for layer in u for x in layer] for pid, u in record["usage_per_client"].items()}
     ids = sorted(usage)
     pairs = [_cosine(usage[i], usage[j]) for n, i in enumerate(ids) for j in ids[n + 1:]]
     return statistics.mean(pairs) if pairs else float("nan")
 
 
-def per_client_accuracy(run_dir: Path) -> dict[str, float]:
+def per_client_accuracy(run_dir: Path | None) -> dict[str, float]:
     """Each client's accuracy on its own share of the test split, after the last round."""
+    if run_dir is None:
+        return {}
     last = _rows(run_dir)[-1].get("federated") or {}
     return {pid: c["accuracy"] for pid, c in (last.get("per_client") or {}).items()}
 
 
-def trained_token_share(run_dir: Path) -> float:
+def trained_token_share(run_dir: Path | None) -> float:
     """Mean over client-rounds of the share of routed token slots that went to experts the
     client trained that round (activation frequency summed over trained experts / top-k)."""
+    if run_dir is None:
+        return float("nan")
     shares = []
     for row in _rows(run_dir)[1:]:
         for c in row.get("clients", []):
@@ -110,6 +127,9 @@ def trained_token_share(run_dir: Path) -> float:
 
 def report(setting: str, out: Path) -> dict:
     runs = _runs(out, setting)
+    # A run whose logs are gone keeps the per-client accuracy an earlier report read from them.
+    earlier_path = out / setting / "evidence.json"
+    earlier = json.loads(earlier_path.read_text())["methods"] if earlier_path.exists() else {}
     if "fedavg-full" not in runs:
         raise SystemExit(f"no fedavg-full runs under {out / setting}: run first")
     seeds = sorted(runs["fedavg-full"])
@@ -123,7 +143,8 @@ def report(setting: str, out: Path) -> dict:
         for s in finished:
             hit = [r for r, a in zip(by_seed[s]["rounds"], by_seed[s]["accuracy"]) if r > 0 and a >= target[s]]
             to_target.append(hit[0] if hit else None)
-        dirs = [Path(by_seed[s]["run_dir"]) for s in finished]
+        logs = [by_seed[s]["logs"] for s in finished]
+        shares = [v for v in (trained_token_share(d) for d in logs) if not math.isnan(v)]
         table[label] = {
             "seeds": finished, "final": _mean_std(final), "best": _mean_std(best), "final_values": final,
             "rounds_to_target": to_target,
@@ -133,9 +154,13 @@ def report(setting: str, out: Path) -> dict:
             "failed_client_rounds": sum(by_seed[s]["failed_client_rounds"] for s in finished),
             # every client-round, trained or failed
             "client_rounds": sum(by_seed[s]["client_rounds"] + by_seed[s]["failed_client_rounds"] for s in finished),
-            "usage_similarity": statistics.mean(usage_similarity(d) for d in dirs),
-            "trained_token_share": statistics.mean(trained_token_share(d) for d in dirs),
-            "per_client_accuracy": {str(s): per_client_accuracy(d) for s, d in zip(finished, dirs)},
+            "usage_similarity": statistics.mean(usage_similarity(by_seed[s]) for s in finished),
+            # needs the runs' logs: over the seeds whose metrics.jsonl is at hand
+            "trained_token_share": statistics.mean(shares) if shares else float("nan"),
+            "trained_token_share_seeds": len(shares),
+            "per_client_accuracy": {
+                str(s): per_client_accuracy(d) if d else earlier.get(label, {}).get("per_client_accuracy", {}).get(str(s), {})
+                for s, d in zip(finished, logs)},
         }
     respecting = [m for m in BUDGET_RESPECTING if m in table and table[m]["seeds"] == seeds]
     best_baseline = max(respecting, key=lambda m: table[m]["final"][0]) if respecting else None
@@ -153,6 +178,29 @@ def report(setting: str, out: Path) -> dict:
     (out / setting / "evidence.md").write_text(markdown(result))
     print(markdown(result))
     return result
+
+
+def pack(setting: str, out: Path, to: Path) -> None:
+    """Copy every compare's results and plots and each run's small records (no checkpoints)."""
+    copied = 0
+    for results in sorted((out / setting).glob("seed-*/*/results.json")):
+        job = results.parent
+        target = to / setting / job.relative_to(out / setting)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in job.iterdir():
+            if f.is_file():
+                shutil.copy2(f, target / f.name)
+        for run_dir in sorted(job.glob("runs/*/seed-*")):
+            dest = target / run_dir.relative_to(job)
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "summary.json", "metrics.jsonl"):
+                if (run_dir / name).exists():
+                    shutil.copy2(run_dir / name, dest / name)
+                    copied += 1
+    for name in ("evidence.json", "evidence.md", "accuracy_vs_round.png"):
+        if (out / setting / name).exists():
+            shutil.copy2(out / setting / name, to / setting / name)
+    print(f"packed {copied} run records of {setting} into {to / setting}")
 
 
 def plot_curves(runs: dict[str, dict[int, dict]], seeds: list[int], path: Path, title: str) -> None:
@@ -182,7 +230,8 @@ def plot_curves(runs: dict[str, dict[int, dict]], seeds: list[int], path: Path, 
 def markdown(result: dict) -> str:
     lines = [f"### {result['setting']}: {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))})", "",
              "| method (seeds) | final accuracy | best accuracy | rounds to 95% of fedavg-full | MB up | experts / batch "
-             "| budget violations | failed client-rounds | client usage similarity | token share of trained experts |",
+             "| budget violations | failed client-rounds | client usage similarity "
+             "| token share of trained experts (seeds with logs) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, m in sorted(result["methods"].items(), key=lambda kv: -kv[1]["final"][0]):
         reached = [r for r in m["rounds_to_target"] if r is not None]
@@ -191,7 +240,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} ({len(m['seeds'])}) | {m['final'][0]:.4f} ± {m['final'][1]:.4f} | {m['best'][0]:.4f} ± {m['best'][1]:.4f} "
                      f"| {rounds} | {m['mb_up']:.0f} | {m['experts_per_batch']:.1f} | {m['budget_violations']} "
                      f"| {m['failed_client_rounds']} / {m['client_rounds']} | {m['usage_similarity']:.3f} "
-                     f"| {m['trained_token_share']:.3f} |")
+                     f"| {m['trained_token_share']:.3f} ({m['trained_token_share_seeds']}) |")
     p = result["paired"]
     if p:
         lines += ["", f"Paired by seed, HFedMoE minus {p['baseline']} (the best budget-respecting baseline by mean "
@@ -203,13 +252,16 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("run", "report"))
+    parser.add_argument("action", choices=("run", "report", "pack"))
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--to", type=Path, default=Path("docs/results/evidence"), help="pack: the committed folder")
     args = parser.parse_args()
     if args.action == "run":
         run(args.setting, args.out, [int(s) for s in args.seeds.split(",")])
+    elif args.action == "pack":
+        pack(args.setting, args.out, args.to)
     else:
         report(args.setting, args.out)
 

@@ -3,6 +3,8 @@ client's and no test's data, it is built once and cached, and its experts differ
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -52,8 +54,19 @@ def test_the_specialised_model_is_built_once_cached_and_its_experts_differ(tmp_p
     assert any(not torch.equal(state[k], plain_state[k]) for k in groups.routers)
     dense = [k for k in groups.dense if not k.startswith("classifier")]
     assert all(torch.equal(state[k], plain_state[k]) for k in dense), "only experts and routers were specialised"
-    figures = specialise.cache_path(4, 2).with_suffix(".json").read_text()
-    assert '"own_expert_share_after"' in figures and '"build_s"' in figures
+    figures = json.loads(specialise.cache_path(4, 2).with_suffix(".json").read_text())
+    assert {"own_expert_share_after", "build_s"} <= set(figures)
+    cached = {k: state[k] for k in [*groups.all_expert_keys, *groups.routers]}
+    assert figures["weights_sha256"] == specialise.weights_digest(cached), "the digest names what the cache holds"
+
+
+def test_the_weights_digest_tells_two_builds_apart():
+    state = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4)}
+    same = {"a": torch.ones(4), "b": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    assert specialise.weights_digest(state) == specialise.weights_digest(same)  # name order, not insertion order
+    nudged = {**same, "b": same["b"].clone()}
+    nudged["b"][1, 2] = torch.nextafter(nudged["b"][1, 2], torch.tensor(100.0))  # one ulp
+    assert specialise.weights_digest(nudged) != specialise.weights_digest(state)
 
 
 def test_a_cache_of_another_model_is_refused_with_the_fix(tmp_path, monkeypatch):

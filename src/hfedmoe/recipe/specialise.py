@@ -30,6 +30,7 @@ build time, and how each topic's tokens spread over the experts before and after
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -82,6 +83,15 @@ def load_specialised(model: nn.Module, num_experts: int, top_k: int, log=_stderr
     if result.unexpected_keys:
         raise ValueError(f"{path} does not fit this model (unexpected {result.unexpected_keys[:3]}): delete it "
                          "to rebuild it")
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names and bytes, in name order (16 hex digits)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def topic_masks(num_layers: int, num_experts: int, num_topics: int) -> list[torch.Tensor]:
@@ -216,6 +226,9 @@ def build_specialised(num_experts: int, top_k: int, path: Path, branch_steps: in
     save_file(state, str(partial))
     os.replace(partial, path)  # atomic: a concurrent reader sees no half-written file
     figures = {
+        # The build is seeded but not bit-reproducible across machines (CPU kernels differ in
+        # their float rounding, and 100 training steps amplify it): the digest tells two builds apart.
+        "weights_sha256": weights_digest(state),
         "version": VERSION, "num_experts": num_experts, "top_k": top_k, "public_examples": len(labels),
         "branch_steps": branch_steps, "router_steps": router_steps, "batch_size": batch_size,
         "max_length": max_length, "build_s": round(time.perf_counter() - started, 1),

@@ -4,7 +4,7 @@
 box is 3-5x oversubscribed. This runs the same functions from hfedmoe.bench with
 fewer rounds/clients; every figure says which workload it measured.
 
-    python benchmarks/bench_issue8_reduced.py OUT_DIR [--part=ratio|scaling|aggregation]...
+    python benchmarks/bench_issue8_reduced.py OUT_DIR [--part=ratio|scaling|aggregation]... [--engine=inprocess]...
 """
 
 from __future__ import annotations
@@ -19,23 +19,20 @@ from hfedmoe import bench
 from hfedmoe.config import RunConfig
 
 
-def ratio_default_workload(out: Path, rounds: int = 3) -> dict:
+def ratio_default_workload(out: Path, rounds: int = 3, engines: tuple[str, ...] = ("inprocess", "simulation")) -> dict:
     """runtime_overhead with the default local workload: 10 steps of 16 x 64 tokens, 2 clients;
-    steady = the mean of rounds 2..``rounds`` in each arm."""
+    steady = the mean of rounds 2..``rounds`` in each arm; one federated arm per engine
+    (in this order), then the bare arm."""
     cfg = RunConfig(rounds=rounds, clients=2, local_steps=10, out=str(out / "federated"))
-    fed = bench.federated_arm(cfg)
+    arms = {name: bench.federated_arm(replace(cfg, out=str(out / f"federated-{name}")), name) for name in engines}
     bare = bench.bare_arm(cfg)
-    rows = fed["rows"]
-    phases = bench.federated_breakdown(rows, rows[1]["model_bytes"] / 1e6)
     return {
         "workload": f"2 clients, 10 local steps of 16 x 64 tokens, {rounds} rounds (steady = rounds 2-{rounds})",
-        "runtime_overhead": round(statistics.mean(fed["round_s"][1:]) / statistics.mean(bare["round_s"][1:]), 3),
-        "federated_round_s": [round(x, 2) for x in fed["round_s"]],
+        "engines": {name: bench.engine_figures(arm, bare, cfg.clients) for name, arm in arms.items()},
         "bare_round_s": [round(x, 2) for x in bare["round_s"]],
-        "federated_breakdown_s": phases, "bare_breakdown_s": bare["breakdown"],
-        "federated_accuracy": [round(r["accuracy"], 4) for r in rows[1:]],
+        "bare_breakdown_s": bare["breakdown"],
         "bare_accuracy": [round(a, 4) for a in bare["accuracy"]],
-        "loadavg_federated": fed["loadavg"], "loadavg_bare": bare["loadavg"],
+        "loadavg_bare": bare["loadavg"],
     }
 
 
@@ -61,10 +58,12 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     parts = [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--part=")] or ["ratio", "scaling",
                                                                                       "aggregation"]
+    engines = tuple(a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--engine=")) or ("inprocess",
+                                                                                               "simulation")
     result = {}
     for part in parts:
         if part == "ratio":
-            result["default_workload"] = ratio_default_workload(out / "ratio")
+            result["default_workload"] = ratio_default_workload(out / "ratio", engines=engines)
         elif part == "scaling":
             result["clients_scaling"] = clients_scaling(out / "scaling")
         elif part == "aggregation":

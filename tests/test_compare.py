@@ -97,9 +97,10 @@ def test_compare_in_process_writes_results_and_resumes(tmp_path, one_thread):
     partial.mkdir(parents=True)
     (partial / "metrics.jsonl").write_text('{"round": 0}\n')
     lines: list[str] = []
-    results = run_compare(base, out, methods=["hfedmoe", "fedavg"], seeds=1, target_accuracy=0.2,
-                          engine="inprocess", log=lines.append)
+    # engine auto (the default): the in-process engine where clients train one at a time
+    results = run_compare(base, out, methods=["hfedmoe", "fedavg"], seeds=1, target_accuracy=0.2, log=lines.append)
 
+    assert results["settings"]["engine"] == "inprocess"
     assert any("removing the unfinished run" in line for line in lines)
     assert sum("final accuracy" in line for line in lines) == 2, "one progress line per finished run"
     saved = json.loads((out / "results.json").read_text())
@@ -140,6 +141,8 @@ def test_compare_in_process_writes_results_and_resumes(tmp_path, one_thread):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["results"][0]["final_accuracy"] == saved["results"][0]["final_accuracy"]
     # Other settings in the same directory: refused, not silently mixed.
+    with pytest.raises(ConfigError, match="--engine must be one of auto, inprocess, simulation"):
+        run_compare(base, out, methods=["hfedmoe"], seeds=1, engine="ray", log=lines.append)
     with pytest.raises(ConfigError, match="other settings"):
         run_compare(RunConfig(**{**SMALL, "lr": 1e-3}, expert_budgets=[24, 12]), out, methods=["hfedmoe"],
                     seeds=1, engine="inprocess", log=lines.append)
@@ -147,7 +150,8 @@ def test_compare_in_process_writes_results_and_resumes(tmp_path, one_thread):
 
 @pytest.mark.e2e
 def test_cli_compare_on_flowers_simulation_engine(tmp_path):
-    """The default engine end to end: FedAvg's training failure crosses Flower's wire; no process is left."""
+    """Flower's simulation engine end to end: FedAvg's training failure crosses Flower's wire; no
+    process is left. (`--engine auto`, the default, takes the in-process engine on this CPU.)"""
     marker = new_marker()
     out = tmp_path / "flower"
     env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -155,7 +159,7 @@ def test_cli_compare_on_flowers_simulation_engine(tmp_path):
     try:
         proc = subprocess.run(
             [str(BIN / "hfedmoe"), "compare", "--methods", "fedavg", "--seeds", "1", "--expert-budgets", "24,12",
-             "--out", str(out), *SMALL_FLAGS],
+             "--engine", "simulation", "--out", str(out), *SMALL_FLAGS],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         time.sleep(1.0)
@@ -164,7 +168,7 @@ def test_cli_compare_on_flowers_simulation_engine(tmp_path):
         stop_marked(marker)
     assert "[1/1] fedavg seed 0: final accuracy" in proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["engine"] == "flower"
+    assert results["settings"]["engine"] == "simulation"
     fedavg = results["results"][0]
     assert fedavg["failed_client_rounds"]["total"] == 1
     metrics = out / "runs" / "fedavg" / "seed-0" / "metrics.jsonl"

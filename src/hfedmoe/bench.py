@@ -8,10 +8,13 @@ the other, so it holds on a noisy shared machine:
 2. upload_over_floor: bytes clients uploaded over the raw bytes of the tensors they
    uploaded; upload_vs_fedavg_full: the same bytes over what FedAvg-full would send
    (every client uploading the whole model every round);
-3. runtime_overhead: a steady-state federated round on Flower's simulation engine
-   (Ray, one worker, clients one after another) over the same round done as a bare
-   PyTorch loop in one process (same clients, same steps, same aggregation and
-   evaluation); engine start-up is reported separately;
+3. runtime_overhead: a steady-state federated round over the same round done as a
+   bare PyTorch loop in one process (same clients, same steps, same aggregation and
+   evaluation); engine start-up is reported separately. The federated arm runs on the
+   engine ``hfedmoe run`` picks (``--engine auto``: the in-process Grid when clients
+   train one at a time), on Flower's simulation engine (Ray, one worker, clients one
+   after another), or on both; fixed_cost_per_client_s is the difference of the two
+   steady rounds per client;
 4. (full mode) scaling of the round time with 2, 4, 8, 16 clients at fixed local
    steps, and of the server's aggregation time with 8..64 experts per layer;
 5. (full mode) peak training memory and step time vs the expert budget.
@@ -34,7 +37,8 @@ from hfedmoe.budgets import calibrate
 from hfedmoe.client_round import ClientUpload, client_round
 from hfedmoe.config import RunConfig
 from hfedmoe.fl.records import ReceivedUpload, raw_nbytes
-from hfedmoe.fl.simulation import run_simulation
+from hfedmoe.fl.inprocess import run_inprocess
+from hfedmoe.fl.simulation import resolve_engine, run_simulation
 from hfedmoe.fl.strategy import HFedMoE
 from hfedmoe.moe import make_access
 from hfedmoe.recipe import build_model, load_client_data, load_test_batches
@@ -75,12 +79,15 @@ def _ray_worker_niceness(value: str):
             os.environ["RAY_worker_niceness"] = saved
 
 
-def federated_arm(cfg: RunConfig) -> dict:
-    """Run ``cfg`` on the simulation engine; per-round times and the run's metrics."""
+def federated_arm(cfg: RunConfig, engine: str = "simulation") -> dict:
+    """Run ``cfg`` on ``engine`` (inprocess or simulation); per-round times and the run's metrics."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    with _ray_worker_niceness(str(os.getpriority(os.PRIO_PROCESS, 0))):
-        run_simulation(cfg, reporter=None)
+    if engine == "inprocess":
+        run_inprocess(cfg, reporter=None)
+    else:
+        with _ray_worker_niceness(str(os.getpriority(os.PRIO_PROCESS, 0))):
+            run_simulation(cfg, reporter=None)
     total = time.perf_counter() - start
     rows = _rows(Path(cfg.out))
     return {"rows": rows, "round_s": _round_times(rows), "process_s": total,
@@ -92,9 +99,11 @@ def federated_breakdown(rows: list[dict], model_mb: float) -> dict:
 
     ``transport_s`` is what neither side's own code accounts for: the time between
     the server handing its messages to Flower and holding every reply, minus each
-    client's decode + round + encode. It is Flower's message path on the simulation
-    engine: pickling each message for Ray, the object store, the actor call, the
-    pickled reply, and Flower's 0.1 s polling of its in-memory state.
+    client's decode + round + encode. On the simulation engine it is Flower's message
+    path: pickling each message for Ray, the object store, the actor call, the pickled
+    reply, and Flower's 0.1 s polling of its in-memory state. On the in-process Grid
+    messages pass by reference, and what is left is the ClientApp's own dispatch
+    (Flower's mods, the Message and Context objects).
     """
     steady = rows[2:]
     if not steady:
@@ -223,16 +232,47 @@ def budget_scaling(cfg: RunConfig, log=print) -> list[dict]:
              "step_vs_all": round(p["step_s"] / full["step_s"], 3)} for p in points]
 
 
-def run_bench(quick: bool = True, out_dir: Path | None = None, log=print) -> dict:
-    """Measure the figures; returns them as a flat dict (the JSON line)."""
+def engine_figures(fed: dict, bare: dict, clients: int) -> dict:
+    """The overhead figures of one federated arm against the bare arm."""
+    rows = fed["rows"]
+    steady_fed, steady_bare = statistics.mean(fed["round_s"][1:]), statistics.mean(bare["round_s"][1:])
+    phases = federated_breakdown(rows, rows[1]["model_bytes"] / 1e6)
+    return {
+        "runtime_overhead": round(steady_fed / steady_bare, 3),
+        # What a client-round costs on top of the bare loop's (a steady round's difference per client).
+        "fixed_cost_per_client_s": round((steady_fed - steady_bare) / clients, 3),
+        # The same without the per-round checkpoint the federated run writes (a feature
+        # the bare loop lacks); supplementary, runtime_overhead is the figure.
+        "runtime_overhead_without_checkpoint": round(
+            (steady_fed - phases.get("server_checkpoint_s", 0.0)) / steady_bare, 3),
+        "federated_round_s": [round(x, 2) for x in fed["round_s"]],
+        "engine_startup_s": round(rows[0]["wall_s"] + fed["round_s"][0] - steady_fed, 2),
+        "federated_breakdown_s": phases,
+        "loadavg_federated": fed["loadavg"],
+        "federated_accuracy": [round(r["accuracy"], 4) for r in rows[1:]],
+    }
+
+
+def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine: str = "auto") -> dict:
+    """Measure the figures; returns them as a flat dict (the JSON line).
+
+    ``engine``: auto (the one ``hfedmoe run`` would pick), inprocess, simulation, or both
+    (a federated arm on each, in that order; the top-level figures are the in-process
+    arm's and every arm's are under ``engines``).
+    """
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="hfedmoe-bench-"))
     cfg = (quick_config if quick else full_config)(out_dir / "federated")
-    log(f"federated arm: {cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} steps on the "
-        "simulation engine ...")
-    fed = federated_arm(cfg)
+    engines = ["inprocess", "simulation"] if engine == "both" else [resolve_engine(cfg, engine)]
+    arms = {}
+    for name in engines:
+        arm_cfg = replace(cfg, out=str(out_dir / f"federated-{name}")) if len(engines) > 1 else cfg
+        log(f"federated arm: {cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} steps on the "
+            f"{name} engine ...")
+        arms[name] = federated_arm(arm_cfg, name)
     log("bare arm: the same rounds as a plain PyTorch loop ...")
     bare = bare_arm(cfg)
 
+    fed = arms[engines[0]]
     rows = fed["rows"]
     clients = [c for r in rows[1:] for c in r["clients"]]
     select_s = sum(c["select_s"] for c in clients)
@@ -240,27 +280,19 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print) -> dic
     bytes_up = sum(c["bytes_up"] for c in clients)
     floor = sum(c["bytes_up_floor"] for c in clients)
     fedavg_full = sum(r["model_bytes"] * len(r["clients"]) for r in rows[1:])
-    steady_fed = statistics.mean(fed["round_s"][1:])
-    steady_bare = statistics.mean(bare["round_s"][1:])
-    fed_phases = federated_breakdown(rows, rows[1]["model_bytes"] / 1e6)
+    figures = {name: engine_figures(arm, bare, cfg.clients) for name, arm in arms.items()}
     result = {
         "mode": "quick" if quick else "full",
+        "engine": engines[0],
         "selection_overhead": round(select_s / train_s, 4),
         "upload_over_floor": round(bytes_up / floor, 4),
         "upload_vs_fedavg_full": round(bytes_up / fedavg_full, 4),
-        "runtime_overhead": round(steady_fed / steady_bare, 3),
-        # The same without the per-round checkpoint the federated run writes (a feature
-        # the bare loop lacks); supplementary, runtime_overhead is the figure.
-        "runtime_overhead_without_checkpoint": round(
-            (steady_fed - fed_phases.get("server_checkpoint_s", 0.0)) / steady_bare, 3),
-        "federated_round_s": [round(x, 2) for x in fed["round_s"]],
+        **figures[engines[0]],
         "bare_round_s": [round(x, 2) for x in bare["round_s"]],
-        "engine_startup_s": round(rows[0]["wall_s"] + fed["round_s"][0] - steady_fed, 2),
-        "federated_breakdown_s": fed_phases,
         "bare_breakdown_s": bare["breakdown"],
-        "loadavg_federated": fed["loadavg"], "loadavg_bare": bare["loadavg"],
-        "federated_accuracy": [round(r["accuracy"], 4) for r in rows[1:]],
+        "loadavg_bare": bare["loadavg"],
         "bare_accuracy": [round(a, 4) for a in bare["accuracy"]],
+        "engines": figures,
         "clients": cfg.clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
         "batch": [cfg.batch_size, cfg.max_length], "model_mb": round(rows[1]["model_bytes"] / 1e6, 1),
     }
@@ -278,7 +310,7 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print) -> dic
         for clients in (2, 4, 8, 16):
             c_cfg = replace(cfg, clients=clients, rounds=2, local_steps=4, expert_budgets=None,
                             out=str(out_dir / f"clients-{clients}"))
-            run = federated_arm(c_cfg)
+            run = federated_arm(c_cfg, engines[0])
             times, phases = run["round_s"], federated_breakdown(run["rows"], run["rows"][1]["model_bytes"] / 1e6)
             scaling.append({"clients": clients, "round_s": round(times[-1], 2),
                             "per_client_s": round(times[-1] / clients, 2),

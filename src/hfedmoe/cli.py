@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from dataclasses import fields
@@ -232,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the system's own costs (selection, upload, runtime overhead)")
     bench.add_argument("--quick", action="store_true", help="about a minute: 2 clients, 3 short rounds")
     bench.add_argument("--out", default=None, help="directory for the benchmark's runs (default: a temp dir)")
+    bench.add_argument("--engine", choices=("auto", "inprocess", "simulation", "both"), default="auto",
+                       help="the federated arm's engine: auto (the one `hfedmoe run` picks here), inprocess, "
+                            "simulation (Flower's, on Ray), or both (one federated arm on each, one bare arm)")
     return parser
 
 
@@ -324,9 +326,15 @@ def _bench(args: argparse.Namespace) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    result = run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None, log=log)
-    for key in ("selection_overhead", "upload_over_floor", "upload_vs_fedavg_full", "runtime_overhead"):
-        log(f"{key:>22}: {result[key]}")
+    result = run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None, log=log,
+                       engine=args.engine)
+    for key in ("engine", "selection_overhead", "upload_over_floor", "upload_vs_fedavg_full", "runtime_overhead",
+                "fixed_cost_per_client_s"):
+        log(f"{key:>24}: {result[key]}")
+    for name, figures in result.get("engines", {}).items():
+        if name != result["engine"]:
+            log(f"{name:>24}: runtime_overhead {figures['runtime_overhead']}, "
+                f"fixed_cost_per_client_s {figures['fixed_cost_per_client_s']}")
     print(json.dumps(result), flush=True)  # the last line: machine-readable
     return 0
 
@@ -364,15 +372,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, FileExistsError) as err:
         print(f"hfedmoe: error: {err}", file=sys.stderr)
         return 2
-    engine = args.engine
-    if engine == "auto":
-        import torch  # loaded by now (the model was checked above); here for the GPU count
+    from hfedmoe.fl.simulation import resolve_engine  # torch is loaded by now; Ray only once it runs
 
-        from hfedmoe.fl.simulation import pick_engine  # same module as the engine itself
-        from hfedmoe.recipe.device import run_device  # same reason as the imports at the top
-
-        gpus = torch.cuda.device_count() if run_device(cfg).type == "cuda" else 0
-        engine = pick_engine(cfg, os.cpu_count() or 1, gpus)
+    engine = resolve_engine(cfg, args.engine)
     if engine == "simulation":
         from hfedmoe.fl.simulation import run_simulation as run_federation  # Flower's simulation engine and Ray
     else:

@@ -7,8 +7,10 @@ continues where it stopped; a run that stopped half-way is started again.
 From the run directories it writes ``DIR/results.json``, ``DIR/results.md`` and
 the plots of :mod:`hfedmoe.plots`.
 
-Runs go through Flower's simulation engine by default; ``engine="inprocess"``
-(:mod:`hfedmoe.fl.inprocess`) runs the same server and client code without Ray.
+Runs go through the engine ``hfedmoe run`` would pick (``engine="auto"``: the in-process
+Grid of :mod:`hfedmoe.fl.inprocess`, the same server and client code without Ray, when
+clients train one at a time on one device; Flower's simulation engine when several can
+train at once); ``engine="simulation"`` or ``"inprocess"`` chooses one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.methods import DEFAULT_METHOD, merge_names, method_names, server_merges
 
 TARGET_ACCURACY = 0.9
-ENGINES = ("flower", "inprocess")
+# "flower": the name of the simulation engine before `--engine auto`, kept for older commands
+ENGINES = ("auto", "inprocess", "simulation", "flower")
 # Settings a sweep may vary: scalar run settings, except those that name the run.
 _NOT_SWEEPABLE = {"out", "method", "seed", "extra"}
 
@@ -171,8 +174,8 @@ def check_memory_budgets(runs: list[PlannedRun], log: Callable[[str], None] = pr
 
 
 def engine_function(engine: str) -> Callable[..., dict]:
-    """``run(cfg, reporter, verbose=...) -> summary`` of ``engine``."""
-    if engine == "flower":
+    """``run(cfg, reporter, verbose=...) -> summary`` of ``engine`` (resolved: not auto)."""
+    if engine in ("simulation", "flower"):
         from hfedmoe.fl.simulation import run_simulation  # Ray and Flower's simulation engine: only when used
 
         return run_simulation
@@ -219,7 +222,7 @@ def _settings_differ(run_dir: Path, cfg: RunConfig) -> list[str]:
 
 
 def run_compare(base: RunConfig, out: str | Path, methods: list[str] | None = None, seeds: int = 3,
-                sweep: Sweep | None = None, target_accuracy: float = TARGET_ACCURACY, engine: str = "flower",
+                sweep: Sweep | None = None, target_accuracy: float = TARGET_ACCURACY, engine: str = "auto",
                 log: Callable[[str], None] = print, verbose: bool = False) -> dict:
     """Run (or reuse) every planned run, then write results.json, results.md and the plots.
 
@@ -239,7 +242,8 @@ def run_compare(base: RunConfig, out: str | Path, methods: list[str] | None = No
     target_accuracy : float
         Accuracy for the rounds-to-target column.
     engine : str
-        "flower" (Flower's simulation engine, default) or "inprocess".
+        "auto" (default: what ``hfedmoe run`` picks on this machine), "inprocess" or
+        "simulation" (Flower's simulation engine; "flower" is an older name for it).
     log : callable
         Receives one progress line at a time.
 
@@ -252,6 +256,11 @@ def run_compare(base: RunConfig, out: str | Path, methods: list[str] | None = No
         raise ConfigError(f"--target-accuracy must lie in (0, 1], got {target_accuracy!r}")
     out = Path(out)
     runs = plan_runs(base, out, methods, seeds, sweep)
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from hfedmoe.fl.simulation import resolve_engine  # no Ray until the simulation engine runs
+
+    engine = resolve_engine(base, "simulation" if engine == "flower" else engine)
     run = engine_function(engine)
     check_memory_budgets(runs, log)
     out.mkdir(parents=True, exist_ok=True)
@@ -519,8 +528,10 @@ def add_compare_flags(parser: argparse.ArgumentParser) -> None:
                              "or tau=0,0.05,0.1")
     parser.add_argument("--target-accuracy", type=float, default=TARGET_ACCURACY,
                         help="test accuracy for the rounds-to-target column")
-    parser.add_argument("--engine", choices=ENGINES, default="flower",
-                        help="flower: Flower's simulation engine; inprocess: the same server/client code without Ray")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto: as `hfedmoe run` (in-process when clients train one at a time on one device, "
+                             "else Flower's simulation engine); inprocess: the same server/client code without "
+                             "Ray; simulation (or flower): Flower's simulation engine")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hfedmoe.config import RunConfig
 from hfedmoe.fl.simulation import client_resources
 
@@ -29,3 +31,14 @@ def test_auto_engine_is_inprocess_one_client_at_a_time_and_simulation_when_clien
     assert pick_engine(RunConfig(clients=4, device="cuda", client_gpus=0.25), cores=16, gpus=1) == "simulation"
     assert pick_engine(RunConfig(clients=4, device="cuda"), cores=16, gpus=2) == "simulation"
     assert pick_engine(RunConfig(clients=1, client_cpus=1), cores=2, gpus=0) == "inprocess"
+
+
+def test_resolve_engine_keeps_an_explicit_choice_and_refuses_an_unknown_one():
+    from hfedmoe.config import ConfigError
+    from hfedmoe.fl.simulation import resolve_engine
+
+    assert resolve_engine(RunConfig(clients=4), "simulation") == "simulation"
+    assert resolve_engine(RunConfig(clients=4), "inprocess") == "inprocess"
+    assert resolve_engine(RunConfig(clients=4, device="cpu"), "auto") == "inprocess"  # one client holds every core
+    with pytest.raises(ConfigError, match="--engine ray: choose one of auto, inprocess, simulation"):
+        resolve_engine(RunConfig(), "ray")

@@ -63,6 +63,16 @@ def pick_engine(cfg: RunConfig, cores: int, gpus: int) -> str:
     return "simulation" if at_once >= 2 and cfg.clients >= 2 else "inprocess"
 
 
+def resolve_engine(cfg: RunConfig, requested: str) -> str:
+    """``inprocess`` or ``simulation`` for ``--engine requested`` on this machine."""
+    if requested not in ENGINES:
+        raise ConfigError(f"--engine {requested}: choose one of {', '.join(ENGINES)}")
+    if requested != "auto":
+        return requested
+    gpus = torch.cuda.device_count() if run_device(cfg).type == "cuda" else 0
+    return pick_engine(cfg, os.cpu_count() or 1, gpus)
+
+
 def run_simulation(cfg: RunConfig, reporter=None, verbose: bool = False) -> dict:
     """Run ``cfg`` with one virtual SuperNode per client; return the run summary.
 

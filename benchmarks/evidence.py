@@ -183,8 +183,8 @@ def report(setting: str, out: Path) -> dict:
 def pack(setting: str, out: Path, to: Path) -> None:
     """Copy every compare's results and plots and each run's small records (no checkpoints)."""
     copied = 0
-    for results in sorted((out / setting).glob("seed-*/*/results.json")):
-        job = results.parent
+    # every compare directory, also one whose compare was cut (its finished runs are reused on resume)
+    for job in sorted(d for d in (out / setting).glob("seed-*/*") if (d / "runs").is_dir()):
         target = to / setting / job.relative_to(out / setting)
         target.mkdir(parents=True, exist_ok=True)
         for f in job.iterdir():

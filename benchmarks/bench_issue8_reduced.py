@@ -4,7 +4,7 @@
 box is 3-5x oversubscribed. This runs the same functions from hfedmoe.bench with
 fewer rounds/clients; every figure says which workload it measured.
 
-    python benchmarks/bench_issue8_reduced.py OUT_DIR [--part=ratio|scaling|aggregation]... [--engine=inprocess]...
+    python benchmarks/bench_issue8_reduced.py OUT_DIR [--part=ratio|scaling|aggregation]... [--engine=inprocess]... [--repeats=2]
 """
 
 from __future__ import annotations
@@ -19,20 +19,23 @@ from hfedmoe import bench
 from hfedmoe.config import RunConfig
 
 
-def ratio_default_workload(out: Path, rounds: int = 3, engines: tuple[str, ...] = ("inprocess", "simulation")) -> dict:
+def ratio_default_workload(out: Path, rounds: int = 3, engines: tuple[str, ...] = ("inprocess", "simulation"),
+                           repeats: int = 2) -> dict:
     """runtime_overhead with the default local workload: 10 steps of 16 x 64 tokens, 2 clients;
-    steady = the mean of rounds 2..``rounds`` in each arm; one federated arm per engine
-    (in this order), then the bare arm."""
+    steady = the median of rounds 2..``rounds`` over the repeats of each arm; every arm in a
+    fresh process, in mirrored order (bench.measure_arms)."""
     cfg = RunConfig(rounds=rounds, clients=2, local_steps=10, out=str(out / "federated"))
-    arms = {name: bench.federated_arm(replace(cfg, out=str(out / f"federated-{name}")), name) for name in engines}
-    bare = bench.bare_arm(cfg)
+    runs = bench.measure_arms(cfg, list(engines), repeats, out, log=lambda t: print(t, file=sys.stderr, flush=True))
+    bare = runs.pop("bare")
     return {
         "workload": f"2 clients, 10 local steps of 16 x 64 tokens, {rounds} rounds (steady = rounds 2-{rounds})",
-        "engines": {name: bench.engine_figures(arm, bare, cfg.clients) for name, arm in arms.items()},
-        "bare_round_s": [round(x, 2) for x in bare["round_s"]],
-        "bare_breakdown_s": bare["breakdown"],
-        "bare_accuracy": [round(a, 4) for a in bare["accuracy"]],
-        "loadavg_bare": bare["loadavg"],
+        "repeats": repeats, "arm_order": bench.arm_order(list(engines), repeats),
+        "engines": {name: bench.engine_figures(arm_runs, bare, cfg.clients) for name, arm_runs in runs.items()},
+        "bare_steady_round_s": round(bench.steady_round_s(bare), 3),
+        "bare_round_s": [[round(x, 2) for x in arm["round_s"]] for arm in bare],
+        "bare_breakdown_s": [arm["breakdown"] for arm in bare],
+        "bare_accuracy": [round(a, 4) for a in bare[0]["accuracy"]],
+        "loadavg_bare": [arm["loadavg"] for arm in bare],
     }
 
 
@@ -42,7 +45,7 @@ def clients_scaling(out: Path, counts=(2, 4, 8)) -> list[dict]:
     result = []
     for clients in counts:
         cfg = replace(base, clients=clients, rounds=2, local_steps=2, out=str(out / f"clients-{clients}"))
-        run = bench.federated_arm(cfg)
+        run = bench.arm_in_fresh_process("inprocess", cfg)
         phases = bench.federated_breakdown(run["rows"], run["rows"][1]["model_bytes"] / 1e6)
         result.append({"clients": clients, "round_s": round(run["round_s"][-1], 2),
                        "per_client_s": round(run["round_s"][-1] / clients, 2), **{
@@ -60,10 +63,11 @@ if __name__ == "__main__":
                                                                                       "aggregation"]
     engines = tuple(a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--engine=")) or ("inprocess",
                                                                                                "simulation")
+    repeats = int(next((a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--repeats=")), "2"))
     result = {}
     for part in parts:
         if part == "ratio":
-            result["default_workload"] = ratio_default_workload(out / "ratio", engines=engines)
+            result["default_workload"] = ratio_default_workload(out / "ratio", engines=engines, repeats=repeats)
         elif part == "scaling":
             result["clients_scaling"] = clients_scaling(out / "scaling")
         elif part == "aggregation":

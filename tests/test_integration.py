@@ -140,11 +140,12 @@ def test_flwr_run_dot_works_as_a_flower_app(tmp_path):
 
 @pytest.mark.e2e
 def test_bench_quick_prints_the_ratios_as_json(tmp_path):
-    """`hfedmoe bench --quick --engine both` runs a federated arm on each engine and one bare
-    arm, and ends with one JSON line (no timing asserted)."""
+    """`hfedmoe bench --quick --engine both --repeats 1` runs a federated arm on each engine and
+    one bare arm, each in a fresh process, and ends with one JSON line (no timing asserted)."""
     marker = new_marker()
     try:
-        proc = _run([str(BIN / "hfedmoe"), "bench", "--quick", "--engine", "both", "--out", str(tmp_path / "bench")],
+        proc = _run([str(BIN / "hfedmoe"), "bench", "--quick", "--engine", "both", "--repeats", "1",
+                     "--out", str(tmp_path / "bench")],
                     _env(marker), timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         time.sleep(1.0)
@@ -162,7 +163,9 @@ def test_bench_quick_prints_the_ratios_as_json(tmp_path):
     assert result["engine"] == "inprocess" and set(result["engines"]) == {"inprocess", "simulation"}
     for name, figures in result["engines"].items():
         assert figures["federated_accuracy"] == pytest.approx(result["bare_accuracy"], abs=0.005), name
-        assert figures["runtime_overhead"] > 0 and len(figures["federated_round_s"]) == 3, name
+        assert figures["runtime_overhead"] > 0 and [len(r) for r in figures["federated_round_s"]] == [3], name
+        assert figures["framework_s_per_client"] > 0, name  # decoding and encoding at least
+    assert result["arm_order"] == ["inprocess", "simulation", "bare"]
     assert (tmp_path / "bench" / "federated-simulation" / "metrics.jsonl").exists()
 
 

@@ -14,7 +14,13 @@ the other, so it holds on a noisy shared machine:
    engine ``hfedmoe run`` picks (``--engine auto``: the in-process Grid when clients
    train one at a time), on Flower's simulation engine (Ray, one worker, clients one
    after another), or on both; fixed_cost_per_client_s is the difference of the two
-   steady rounds per client;
+   steady rounds per client. Every arm runs in a fresh process (an arm run after
+   another inherits its allocator and caches: measured, that biased the ratio by
+   10-15%), and with ``repeats`` > 1 the arms run in mirrored order (A B B A ...) and
+   each steady round is the median over the repeats. framework_s is the same cost
+   accounted phase by phase inside the federated arm (decode, encode, parse, the
+   engine's message path, the checkpoint hand-over), which does not depend on two
+   noisy totals;
 4. (full mode) scaling of the round time with 2, 4, 8, 16 clients at fixed local
    steps, and of the server's aggregation time with 8..64 experts per layer;
 5. (full mode) peak training memory and step time vs the expert budget.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -129,6 +136,12 @@ def federated_breakdown(rows: list[dict], model_mb: float) -> dict:
     out["other_s"] = out["round_s"] - (timing["configure_s"] + timing["clients_s"] + timing["parse_s"]
                                        + timing["aggregate_s"] + timing["encode_s"] + timing["eval_s"]
                                        + timing["checkpoint_s"])
+    # Every second of the round the bare loop does not pay: the messages both ways, the
+    # engine's path, the checkpoint hand-over and what no phase accounts for. (Training,
+    # aggregation and evaluation are the same code in both arms.)
+    out["framework_s"] = (out["client_decode_s"] + out["client_encode_s"] + out["transport_s"]
+                          + timing["configure_s"] + timing["parse_s"] + timing["encode_s"]
+                          + timing["checkpoint_s"] + out["other_s"])
     moved_mb = model_mb + mean([sum(c["bytes_up"] for c in r["clients"]) for r in steady]) / 1e6 / max(clients, 1)
     out["transport_s_per_client"] = out["transport_s"] / max(clients, 1)
     out["transport_s_per_gb"] = out["transport_s_per_client"] / moved_mb * 1e3
@@ -232,47 +245,119 @@ def budget_scaling(cfg: RunConfig, log=print) -> list[dict]:
              "step_vs_all": round(p["step_s"] / full["step_s"], 3)} for p in points]
 
 
-def engine_figures(fed: dict, bare: dict, clients: int) -> dict:
-    """The overhead figures of one federated arm against the bare arm."""
-    rows = fed["rows"]
-    steady_fed, steady_bare = statistics.mean(fed["round_s"][1:]), statistics.mean(bare["round_s"][1:])
-    phases = federated_breakdown(rows, rows[1]["model_bytes"] / 1e6)
+def steady_round_s(arms: list[dict]) -> float:
+    """The median steady round (rounds >= 2) over every repeat of one arm."""
+    return statistics.median(t for arm in arms for t in arm["round_s"][1:])
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    keys = [k for k in dicts[0] if all(k in d for d in dicts)]
+    return {k: round(statistics.mean(d[k] for d in dicts), 3) for k in keys}
+
+
+def engine_figures(fed: list[dict], bare: list[dict], clients: int) -> dict:
+    """The overhead figures of one federated arm (its repeats) against the bare arm (its repeats)."""
+    steady_fed, steady_bare = steady_round_s(fed), steady_round_s(bare)
+    rows = fed[0]["rows"]
+    phases = _mean_dicts([federated_breakdown(arm["rows"], arm["rows"][1]["model_bytes"] / 1e6) for arm in fed])
     return {
         "runtime_overhead": round(steady_fed / steady_bare, 3),
         # What a client-round costs on top of the bare loop's (a steady round's difference per client).
         "fixed_cost_per_client_s": round((steady_fed - steady_bare) / clients, 3),
+        # The same cost accounted inside the federated round, phase by phase (not a
+        # difference of two noisy totals): see federated_breakdown.
+        "framework_s_per_client": round(phases.get("framework_s", 0.0) / clients, 3),
+        "framework_share": round(phases.get("framework_s", 0.0) / phases["round_s"], 4) if phases else None,
         # The same without the per-round checkpoint the federated run writes (a feature
         # the bare loop lacks); supplementary, runtime_overhead is the figure.
         "runtime_overhead_without_checkpoint": round(
             (steady_fed - phases.get("server_checkpoint_s", 0.0)) / steady_bare, 3),
-        "federated_round_s": [round(x, 2) for x in fed["round_s"]],
-        "engine_startup_s": round(rows[0]["wall_s"] + fed["round_s"][0] - steady_fed, 2),
+        "steady_round_s": round(steady_fed, 3),
+        "federated_round_s": [[round(x, 2) for x in arm["round_s"]] for arm in fed],
+        "engine_startup_s": round(statistics.mean(arm["rows"][0]["wall_s"] + arm["round_s"][0] - steady_fed
+                                                  for arm in fed), 2),
         "federated_breakdown_s": phases,
-        "loadavg_federated": fed["loadavg"],
+        "loadavg_federated": [arm["loadavg"] for arm in fed],
         "federated_accuracy": [round(r["accuracy"], 4) for r in rows[1:]],
     }
 
 
-def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine: str = "auto") -> dict:
+def _arm_child(kind: str, cfg_json: str, result_path: str) -> None:
+    """Run one arm in this (fresh) process and write its result as JSON."""
+    cfg = RunConfig.from_json(cfg_json)
+    result = bare_arm(cfg) if kind == "bare" else federated_arm(cfg, kind)
+    Path(result_path).write_text(json.dumps(result))
+
+
+def arm_in_fresh_process(kind: str, cfg: RunConfig) -> dict:
+    """:func:`federated_arm` (``kind`` = the engine) or :func:`bare_arm` (``kind="bare"``)
+    in a new interpreter, so that no arm inherits another's allocator state, caches or
+    threads. Returns the arm's result; raises RuntimeError if the process fails."""
+    result_path = Path(tempfile.mkdtemp(prefix="hfedmoe-arm-")) / "arm.json"
+    process = multiprocessing.get_context("spawn").Process(
+        target=_arm_child, args=(kind, cfg.to_json(), str(result_path)), name=f"hfedmoe-bench-{kind}")
+    process.start()
+    try:
+        process.join()
+    finally:
+        if process.is_alive():  # interrupted (Ctrl-C, SIGTERM): no arm left behind
+            process.terminate()
+            process.join(30)
+    if process.exitcode != 0 or not result_path.exists():
+        raise RuntimeError(f"the {kind} arm of the benchmark failed (exit code {process.exitcode}); "
+                           "its output is above")
+    result = json.loads(result_path.read_text())
+    result_path.unlink()
+    result_path.parent.rmdir()
+    return result
+
+
+def arm_order(engines: list[str], repeats: int) -> list[str]:
+    """Arms in mirrored order: e.g. inprocess, bare, bare, inprocess for two repeats, so that
+    a drift in the machine's speed over the run weighs on every arm alike."""
+    arms = [*engines, "bare"]
+    return [kind for r in range(repeats) for kind in (arms if r % 2 == 0 else arms[::-1])]
+
+
+def measure_arms(cfg: RunConfig, engines: list[str], repeats: int, out_dir: Path, log=print) -> dict[str, list[dict]]:
+    """Every arm (``engines`` and bare) ``repeats`` times, each in a fresh process, in
+    :func:`arm_order`. Returns kind -> its runs. A federated arm's run directory is
+    ``out_dir/federated-<engine>`` for the first repeat, ``...-<engine>-<r>`` after."""
+    runs: dict[str, list[dict]] = {kind: [] for kind in [*engines, "bare"]}
+    order = arm_order(engines, repeats)
+    for i, kind in enumerate(order, 1):
+        done = len(runs[kind])
+        if kind == "bare":
+            log(f"[{i}/{len(order)}] bare arm: the same rounds as a plain PyTorch loop (fresh process) ...")
+            arm_cfg = cfg
+        else:
+            log(f"[{i}/{len(order)}] federated arm: {cfg.clients} clients x {cfg.rounds} rounds x "
+                f"{cfg.local_steps} steps on the {kind} engine (fresh process) ...")
+            arm_cfg = replace(cfg, out=str(out_dir / (f"federated-{kind}" + (f"-{done}" if done else ""))))
+        runs[kind].append(arm_in_fresh_process(kind, arm_cfg))
+        log(f"    steady rounds: {[round(t, 2) for t in runs[kind][-1]['round_s'][1:]]} s")
+    return runs
+
+
+def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine: str = "auto",
+              repeats: int = 2) -> dict:
     """Measure the figures; returns them as a flat dict (the JSON line).
 
     ``engine``: auto (the one ``hfedmoe run`` would pick), inprocess, simulation, or both
-    (a federated arm on each, in that order; the top-level figures are the in-process
-    arm's and every arm's are under ``engines``).
+    (a federated arm on each; the top-level figures are the in-process arm's and every
+    arm's are under ``engines``). ``repeats``: how often each arm runs (fresh processes,
+    mirrored order, see :func:`measure_arms`).
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="hfedmoe-bench-"))
     cfg = (quick_config if quick else full_config)(out_dir / "federated")
     engines = ["inprocess", "simulation"] if engine == "both" else [resolve_engine(cfg, engine)]
-    arms = {}
-    for name in engines:
-        arm_cfg = replace(cfg, out=str(out_dir / f"federated-{name}")) if len(engines) > 1 else cfg
-        log(f"federated arm: {cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} steps on the "
-            f"{name} engine ...")
-        arms[name] = federated_arm(arm_cfg, name)
-    log("bare arm: the same rounds as a plain PyTorch loop ...")
-    bare = bare_arm(cfg)
+    runs = measure_arms(cfg, engines, repeats, out_dir, log)
+    bare_runs = runs.pop("bare")
+    bare = bare_runs[0]
 
-    fed = arms[engines[0]]
+    fed = runs[engines[0]][0]
     rows = fed["rows"]
     clients = [c for r in rows[1:] for c in r["clients"]]
     select_s = sum(c["select_s"] for c in clients)
@@ -280,7 +365,7 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine
     bytes_up = sum(c["bytes_up"] for c in clients)
     floor = sum(c["bytes_up_floor"] for c in clients)
     fedavg_full = sum(r["model_bytes"] * len(r["clients"]) for r in rows[1:])
-    figures = {name: engine_figures(arm, bare, cfg.clients) for name, arm in arms.items()}
+    figures = {name: engine_figures(arm_runs, bare_runs, cfg.clients) for name, arm_runs in runs.items()}
     result = {
         "mode": "quick" if quick else "full",
         "engine": engines[0],
@@ -288,9 +373,12 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine
         "upload_over_floor": round(bytes_up / floor, 4),
         "upload_vs_fedavg_full": round(bytes_up / fedavg_full, 4),
         **figures[engines[0]],
-        "bare_round_s": [round(x, 2) for x in bare["round_s"]],
-        "bare_breakdown_s": bare["breakdown"],
-        "loadavg_bare": bare["loadavg"],
+        "repeats": repeats,
+        "arm_order": arm_order(engines, repeats),
+        "bare_steady_round_s": round(steady_round_s(bare_runs), 3),
+        "bare_round_s": [[round(x, 2) for x in arm["round_s"]] for arm in bare_runs],
+        "bare_breakdown_s": _mean_dicts([arm["breakdown"] for arm in bare_runs]),
+        "loadavg_bare": [arm["loadavg"] for arm in bare_runs],
         "bare_accuracy": [round(a, 4) for a in bare["accuracy"]],
         "engines": figures,
         "clients": cfg.clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
@@ -310,7 +398,7 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine
         for clients in (2, 4, 8, 16):
             c_cfg = replace(cfg, clients=clients, rounds=2, local_steps=4, expert_budgets=None,
                             out=str(out_dir / f"clients-{clients}"))
-            run = federated_arm(c_cfg, engines[0])
+            run = arm_in_fresh_process(engines[0], c_cfg)
             times, phases = run["round_s"], federated_breakdown(run["rows"], run["rows"][1]["model_bytes"] / 1e6)
             scaling.append({"clients": clients, "round_s": round(times[-1], 2),
                             "per_client_s": round(times[-1] / clients, 2),

@@ -37,19 +37,20 @@ def test_framework_seconds_are_every_phase_the_bare_loop_does_not_pay():
     # so 0.5 s went to decode (0.1 + 0.1), encode (0.1 + 0.1) and the engine's path (0.1).
     clients = [_client(3.0, 0.1, 0.1), _client(3.0, 0.1, 0.1)]
     timing = dict(configure_s=0.05, clients_s=6.5, parse_s=0.2, aggregate_s=0.4, encode_s=0.15, eval_s=2.0,
-                  checkpoint_s=0.1)
+                  checkpoint_s=0.1, checkpoint_write_cpu_s=0.3)  # the write: in the background, during training
     rows = [_row(5.0, []), _row(15.0, clients, **timing), _row(24.5, clients, **timing)]
     phases = bench.federated_breakdown(rows, model_mb=100.0)
     assert phases["transport_s"] == pytest.approx(0.1)
     assert phases["other_s"] == pytest.approx(9.5 - 9.4)  # the round's seconds no phase accounts for
-    # decode + encode + transport + configure + parse + server encode + checkpoint + other
-    assert phases["framework_s"] == pytest.approx(0.4 + 0.1 + 0.05 + 0.2 + 0.15 + 0.1 + 0.1)
+    # decode + encode + transport + configure + parse + server encode + checkpoint hand-over and write + other
+    assert phases["framework_s"] == pytest.approx(0.4 + 0.1 + 0.05 + 0.2 + 0.15 + 0.1 + 0.3 + 0.1)
     fed = [{"rows": rows, "round_s": [15.0, 10.0, 9.5], "loadavg": [0, 0]}]
     bare = [{"round_s": [8.0, 9.0, 9.0]}]
     figures = bench.engine_figures(fed, bare, clients=2)
     assert figures["runtime_overhead"] == pytest.approx(9.75 / 9.0, abs=1e-3)
     assert figures["fixed_cost_per_client_s"] == pytest.approx(0.375, abs=1e-3)
-    assert figures["framework_s_per_client"] == pytest.approx(1.1 / 2, abs=1e-3)
+    assert figures["framework_s_per_client"] == pytest.approx(1.4 / 2, abs=1e-3)
+    assert figures["accounted_overhead"] == pytest.approx((9.0 + 1.4) / 9.0, abs=1e-3)
 
 
 def test_a_failing_arm_is_reported_with_its_name(tmp_path):

@@ -343,13 +343,14 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None, log=log,
                        engine=args.engine, repeats=args.repeats)
     for key in ("engine", "selection_overhead", "upload_over_floor", "upload_vs_fedavg_full", "runtime_overhead",
-                "fixed_cost_per_client_s", "framework_s_per_client"):
+                "fixed_cost_per_client_s", "framework_s_per_client", "accounted_overhead"):
         log(f"{key:>24}: {result[key]}")
     for name, figures in result.get("engines", {}).items():
         if name != result["engine"]:
             log(f"{name:>24}: runtime_overhead {figures['runtime_overhead']}, "
                 f"fixed_cost_per_client_s {figures['fixed_cost_per_client_s']}, "
-                f"framework_s_per_client {figures['framework_s_per_client']}")
+                f"framework_s_per_client {figures['framework_s_per_client']}, "
+                f"accounted_overhead {figures['accounted_overhead']}")
     print(json.dumps(result), flush=True)  # the last line: machine-readable
     return 0
 

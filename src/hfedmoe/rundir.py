@@ -34,6 +34,10 @@ class RunRecorder:
         self.resume_state: dict[str, torch.Tensor] | None = None
         self._writer: ThreadPoolExecutor | None = None  # the checkpoint writer thread
         self._pending: Future | None = None
+        # CPU seconds the writer thread spent on the last finished checkpoint: off the
+        # server's critical path, but on the cores the clients train on when they train in
+        # this process (the in-process engine) or on this machine (hfedmoe.bench counts it).
+        self.last_write_cpu_s = 0.0
         if cfg.resume:
             self._load_for_resume()
             return
@@ -77,6 +81,11 @@ class RunRecorder:
             pending.result()
 
     def _write_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        started = time.thread_time()
+        self._write_files(server_round, state)
+        self.last_write_cpu_s = time.thread_time() - started
+
+    def _write_files(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         self.checkpoint_dir.mkdir(exist_ok=True)
         path = self.checkpoint_dir / f"round-{server_round:04d}.safetensors"
         tmp = path.with_suffix(".tmp")

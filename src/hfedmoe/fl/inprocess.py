@@ -7,9 +7,9 @@ strategy's messages, reply validation, failure handling, aggregation, evaluation
 and the run directory are all the real code paths. Clients run one after another.
 
 A run starts in about a second instead of Ray's ~20 s, and messages pass by
-reference. ``hfedmoe run --engine auto`` (the default) takes this engine when clients
-train one at a time on one device (:func:`hfedmoe.fl.simulation.pick_engine`);
-``hfedmoe compare`` uses Flower's simulation engine unless ``--engine inprocess``.
+reference. ``hfedmoe run``, ``compare`` and ``bench`` with ``--engine auto`` (their
+default) take this engine when clients train one at a time on one device
+(:func:`hfedmoe.fl.simulation.pick_engine`).
 A reply that took a node longer than the round timeout is dropped, as Flower's
 engines drop late replies (each node on its own clock).
 """

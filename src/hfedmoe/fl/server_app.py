@@ -178,6 +178,7 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
     strategy.round_offset = start_round
     checkpoint_s: list[float] = []  # time the server spent handing over the last checkpoint (the write runs
     # in the background; this includes waiting for the previous one), reported in the next row
+    write_cpu_s: list[float] = []  # CPU seconds of the background write finished at that hand-over
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if start_round and server_round == 0:
@@ -203,7 +204,8 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
         # Seconds spent in this row's wall-time window (from the previous row's log to
         # this one's): the strategy's phases, this evaluation, the previous checkpoint.
         timing = {**info.get("timing", {}), "eval_s": time.perf_counter() - started,
-                  "checkpoint_s": checkpoint_s.pop() if checkpoint_s else 0.0}
+                  "checkpoint_s": checkpoint_s.pop() if checkpoint_s else 0.0,
+                  "checkpoint_write_cpu_s": write_cpu_s.pop() if write_cpu_s else 0.0}
         row = {
             "round": server_round,
             "accuracy": scores["accuracy"],
@@ -224,6 +226,9 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             started = time.perf_counter()
             recorder.save_checkpoint(server_round, state)
             checkpoint_s.append(time.perf_counter() - started)
+            # The hand-over waited for the previous write: its CPU seconds, spent in the
+            # background while this round's clients trained (on this machine's cores)
+            write_cpu_s.append(recorder.last_write_cpu_s)
             if cfg.export_every and server_round % cfg.export_every == 0:  # the model is loaded with `state`
                 export_model(cfg, model, recorder.dir / "exports" / f"round-{server_round}", label_names(cfg))
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})

@@ -45,11 +45,11 @@ SETTINGS = {
 TARGET_SHARE = 0.95  # rounds to 95% of fedavg-full's final accuracy (same seed)
 
 
-def run(setting: str, out: Path, seeds: list[int]) -> None:
+def run(setting: str, out: Path, seeds: list[int], methods: str = METHODS) -> None:
     flags = SETTINGS[setting]
     for seed in seeds:
         base = [sys.executable, "-m", "hfedmoe.cli", "compare", *flags, "--seed", str(seed), "--seeds", "1"]
-        jobs = [(out / setting / f"seed-{seed}" / "methods", ["--methods", METHODS]),
+        jobs = [(out / setting / f"seed-{seed}" / "methods", ["--methods", methods]),
                 (out / setting / f"seed-{seed}" / "freeze", ["--sweep", "unselected_experts=freeze"])]
         for directory, extra in jobs:
             print(f"== {setting} seed {seed}: {' '.join(extra)} -> {directory}", flush=True)
@@ -256,10 +256,13 @@ def main() -> None:
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=METHODS,
+                        help="run: a subset when compute is short (a later run with all of them reuses the finished "
+                             "ones); report: the table lists each method over the seeds it has")
     parser.add_argument("--to", type=Path, default=Path("docs/results/evidence"), help="pack: the committed folder")
     args = parser.parse_args()
     if args.action == "run":
-        run(args.setting, args.out, [int(s) for s in args.seeds.split(",")])
+        run(args.setting, args.out, [int(s) for s in args.seeds.split(",")], args.methods)
     elif args.action == "pack":
         pack(args.setting, args.out, args.to)
     else:

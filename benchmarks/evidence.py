@@ -37,7 +37,10 @@ BUDGET_RESPECTING = ("fedavg", "pfl-moe", "fedmoe", "seer-moe", "flame", "random
 # 8 clients, Dirichlet 0.1, seven of eight below full fine-tuning (L x S = 48 experts)
 HARD = ["--clients", "8", "--alpha", "0.1", "--expert-budgets", "6,6,8,12,12,16,24,48", "--rounds", "6",
         "--local-steps", "4", "--max-length", "32", "--batch-size", "16", "--engine", "inprocess",
-        "--evaluation", "both"]  # both: the server's test split, and each client's own share (per-client accuracy)
+        "--evaluation", "both",  # both: the server's test split, and each client's own share (per-client accuracy)
+        # every method as first measured (detach was the default then); the second job of a
+        # seed sweeps HFedMoE to freeze (the default since)
+        "--unselected-experts", "detach"]
 SETTINGS = {
     "specialised-hard": ["--model", "embedded-minilm-moe-specialised", *HARD],
     "upcycled-hard": ["--model", "embedded-minilm-moe", *HARD],

@@ -102,9 +102,10 @@ _HELP = {
     "eval_batch_size": "batch size of server-side evaluation",
     "pooling": "token-to-sample pooling of router scores: mean or max",
     "select_by": "expert ranking: ib (I_b, Eq. 15) or importance (s_b, the paper's text)",
-    "unselected_experts": "experts a token was routed to but the client does not train this batch: detach (their "
-                          "output is a constant: no weight or input gradient, cheapest) or freeze (no weight "
-                          "gradient, the input gradient flows through them to the layers below; docs/method.md)",
+    "unselected_experts": "experts a token was routed to but the client does not train this batch: freeze (no "
+                          "weight gradient, the input gradient flows through them to the layers below: the paper's "
+                          "reading) or detach (their output is a constant: no weight or input gradient, 4-12%% "
+                          "cheaper steps; docs/method.md)",
     "gate_normalize": "normalise gate weights alpha to sum to 1 (true) or use the literal Eq. 20 (false)",
     "expert_agg": "expert aggregation: hfedmoe (Eq. 17, over uploaders), fedavg (over all clients; HFedMoE "
                   "ablation, Fig. 16) or activation (FLAME's: over uploaders, weighted by activation frequency^2 x |D|)",

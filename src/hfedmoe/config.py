@@ -49,8 +49,8 @@ EMBEDDED_DATASET = "bbc-news"
 # part, aggregated by the server; both; auto: server when the server holds a test set, else federated
 EVALUATIONS = ("auto", "server", "federated", "both")
 # What a setting added later meant in runs recorded before it existed, where that is not
-# its default (a resumed or compared older run reads its config.json with these).
-LEGACY_VALUES = {"evaluation": "server"}
+# its default now (a resumed or compared older run reads its config.json with these).
+LEGACY_VALUES = {"evaluation": "server", "unselected_experts": "detach"}
 ROBUST_MERGES = ("none", "trimmed-mean", "median")  # hfedmoe.core.robust (config stays torch-free)
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")  # hfedmoe.data.files.FORMATS
 
@@ -114,7 +114,7 @@ class RunConfig:
     eval_batch_size: int = 64
     pooling: str = "mean"
     select_by: str = "ib"
-    unselected_experts: str = "detach"
+    unselected_experts: str = "freeze"  # the paper's reading; chosen on measured accuracy (docs/method.md)
     gate_normalize: bool = True
     expert_agg: str = DEFAULT_MERGE
     gate_agg: str = DEFAULT_MERGE

@@ -47,7 +47,7 @@ class LocalTrainConfig:
     select_by: str = "ib"  # "ib" (Eq. 15) or "importance" (the paper's text: s_b)
     aux_loss_coef: float = 0.01
     deferred_backward: bool = True  # constrained clients: backward only through selected experts
-    unselected_experts: str = "detach"  # "detach" | "freeze": see MoEAccess.enable_deferred_backward
+    unselected_experts: str = "freeze"  # "freeze" | "detach": see MoEAccess.enable_deferred_backward
     time_budget_s: float | None = None  # compute budget: stop the local round after this long (>= 1 step)
     task: str = "classification"  # the batch loss (hfedmoe.training.objectives)
 

@@ -31,11 +31,7 @@ def ratio_default_workload(out: Path, rounds: int = 3, engines: tuple[str, ...] 
         "workload": f"2 clients, 10 local steps of 16 x 64 tokens, {rounds} rounds (steady = rounds 2-{rounds})",
         "repeats": repeats, "arm_order": bench.arm_order(list(engines), repeats),
         "engines": {name: bench.engine_figures(arm_runs, bare, cfg.clients) for name, arm_runs in runs.items()},
-        "bare_steady_round_s": round(bench.steady_round_s(bare), 3),
-        "bare_round_s": [[round(x, 2) for x in arm["round_s"]] for arm in bare],
-        "bare_breakdown_s": [arm["breakdown"] for arm in bare],
-        "bare_accuracy": [round(a, 4) for a in bare[0]["accuracy"]],
-        "loadavg_bare": [arm["loadavg"] for arm in bare],
+        **bench.bare_figures(bare),
     }
 
 

@@ -19,8 +19,8 @@ the other, so it holds on a noisy shared machine:
    10-15%), and with ``repeats`` > 1 the arms run in mirrored order (A B B A ...) and
    each steady round is the median over the repeats. framework_s is the same cost
    accounted phase by phase inside the federated arm (decode, encode, parse, the
-   engine's message path, the checkpoint hand-over), which does not depend on two
-   noisy totals;
+   engine's message path, the checkpoint's hand-over and background write), which does
+   not depend on two noisy totals;
 4. (full mode) scaling of the round time with 2, 4, 8, 16 clients at fixed local
    steps, and of the server's aggregation time with 8..64 experts per layer;
 5. (full mode) peak training memory and step time vs the expert budget.
@@ -290,6 +290,18 @@ def engine_figures(fed: list[dict], bare: list[dict], clients: int) -> dict:
     }
 
 
+def bare_figures(bare: list[dict]) -> dict:
+    """The bare arm's figures over its repeats (steady round, rounds, phases, accuracy)."""
+    return {
+        "bare_steady_round_s": round(steady_round_s(bare), 3),
+        "bare_round_s": [[round(x, 2) for x in arm["round_s"]] for arm in bare],
+        "bare_breakdown_s": _mean_dicts([arm["breakdown"] for arm in bare]),
+        "bare_breakdown_s_per_arm": [arm["breakdown"] for arm in bare],
+        "loadavg_bare": [arm["loadavg"] for arm in bare],
+        "bare_accuracy": [round(a, 4) for a in bare[0]["accuracy"]],
+    }
+
+
 def _arm_child(kind: str, cfg_json: str, result_path: str) -> None:
     """Run one arm in this (fresh) process and write its result as JSON."""
     cfg = RunConfig.from_json(cfg_json)
@@ -363,7 +375,6 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine
     engines = ["inprocess", "simulation"] if engine == "both" else [resolve_engine(cfg, engine)]
     runs = measure_arms(cfg, engines, repeats, out_dir, log)
     bare_runs = runs.pop("bare")
-    bare = bare_runs[0]
 
     fed = runs[engines[0]][0]
     rows = fed["rows"]
@@ -383,12 +394,7 @@ def run_bench(quick: bool = True, out_dir: Path | None = None, log=print, engine
         **figures[engines[0]],
         "repeats": repeats,
         "arm_order": arm_order(engines, repeats),
-        "bare_steady_round_s": round(steady_round_s(bare_runs), 3),
-        "bare_round_s": [[round(x, 2) for x in arm["round_s"]] for arm in bare_runs],
-        "bare_breakdown_s": _mean_dicts([arm["breakdown"] for arm in bare_runs]),
-        "bare_breakdown_s_per_arm": [arm["breakdown"] for arm in bare_runs],
-        "loadavg_bare": [arm["loadavg"] for arm in bare_runs],
-        "bare_accuracy": [round(a, 4) for a in bare["accuracy"]],
+        **bare_figures(bare_runs),
         "engines": figures,
         "clients": cfg.clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
         "batch": [cfg.batch_size, cfg.max_length], "model_mb": round(rows[1]["model_bytes"] / 1e6, 1),

@@ -16,6 +16,7 @@ from hfedmoe.fl.inprocess import run_inprocess
 from hfedmoe.moe import make_access
 from hfedmoe.moe import fused_deferred
 from hfedmoe.recipe import build_model, load_client_data
+from hfedmoe.training import memory
 
 from builders import mixtral_config
 
@@ -56,6 +57,32 @@ def test_bfloat16_training_keeps_the_selection_math_in_float32(mixtral, tmp_path
     assert {v.dtype for v in upload.tensors.values()} == {torch.bfloat16}
     moved = [k for k, v in upload.tensors.items() if not torch.equal(v, state[k])]
     assert moved, "a bfloat16 round changed nothing"
+
+
+def test_the_exact_peak_memory_is_measured_where_asked_for_or_budgeted(mixtral, tmp_path, monkeypatch):
+    """On the CPU the clean baseline (gc + malloc_trim) runs only for clients that measure:
+    --measure-memory, or a memory budget (checked against the peak)."""
+    cfg = mixtral_config(mixtral, tmp_path / "r", local_steps=1)
+    access = make_access(build_model(cfg, pretrained=True))
+    state = {k: v.clone() for k, v in access.state_dict().items()}
+    data = load_client_data(cfg, 0)
+    trims = []
+    trim = memory.release_free_memory
+    monkeypatch.setattr(memory, "release_free_memory", lambda: (trims.append(1), trim()))
+    monkeypatch.setattr(client_round_module, "bound_allocator", lambda: True)  # process-wide: not in a test
+
+    def round_metrics(run_cfg, mem_budget=None) -> dict:
+        upload = client_round_module.client_round(run_cfg, access, data, dict(state), access.num_layers,
+                                                  server_round=1, mem_budget_bytes=mem_budget)
+        assert upload.failure is None
+        return upload.metrics
+
+    assert "peak-mem-bytes" not in round_metrics(cfg) and trims == []
+    measured = round_metrics(mixtral_config(mixtral, tmp_path / "m", local_steps=1, measure_memory=True))
+    assert measured["peak-mem-bytes"] > sum(p.numel() * p.element_size() for p in access.model.parameters())
+    assert trims == [1]
+    budgeted = round_metrics(cfg, mem_budget=10**12)
+    assert budgeted["peak-mem-bytes"] > 0 and budgeted["over-budget"] == 0 and trims == [1, 1]
 
 
 def test_out_of_memory_is_the_clients_failure_and_the_run_goes_on(mixtral, tmp_path, monkeypatch):

@@ -83,7 +83,8 @@ def test_hfedmoe_run_two_rounds_two_clients(two_round_run):
             # 6 MoE layers x 4 experts; default budgets: client 0 all 24, client 1 half.
             assert client["experts_trained"] <= client["expert_budget"]
             assert client["experts_trained"] >= 6  # at least one expert per layer
-            assert client["num_examples"] > 0 and client["peak_mem_bytes"] > 0
+            assert client["num_examples"] > 0
+            assert client["peak_mem_bytes"] is None  # CPU, no memory budget, no --measure-memory
         assert sorted(c["expert_budget"] for c in row["clients"]) == [12, 24]
         # The constrained client uploads fewer experts than exist.
         constrained = min(row["clients"], key=lambda c: c["expert_budget"])

@@ -122,6 +122,10 @@ _HELP = {
              "messages carry this dtype; selection math, losses and LoRA adapters stay float32",
     "gradient_checkpointing": "recompute activations in the backward (transformers' gradient checkpointing): "
                               "less activation memory for about one more forward per step",
+    "measure_memory": "report every client's exact peak training memory (peak_mem_bytes) on the CPU too: "
+                      "before each local round the process collects garbage and returns freed memory to the "
+                      "kernel, which the round then faults back in (about 15%% of a local round here); clients "
+                      "with a memory budget, and any CUDA client, always report it",
     "load_in_4bit": "QLoRA: load the checkpoint's linear layers in 4-bit NF4 (bitsandbytes, CUDA only) and train "
                     "LoRA adapters over them; needs --lora-rank",
     "client_gpus": "simulation: GPUs per client, passed to Flower's client_resources (0.25: four clients share a "

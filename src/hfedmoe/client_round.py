@@ -129,6 +129,7 @@ def client_round(
                             failure=plan.failure)
     local = local_train_config(cfg)
     local.time_budget_s = time_budget_s if plan.honours_time_budget else None
+    local.measure_memory = cfg.measure_memory or bool(mem_budget_bytes)  # a budget is checked against it
     try:
         with gpu_memory_cap(device, mem_budget_bytes, weight_bytes(access.model)) as cap, \
                 plan.hooks(access) as extra_loss:
@@ -158,7 +159,7 @@ def client_round(
         "train-loss": result.train_loss,
         "experts-trained-mean": result.experts_trained_mean,
         "experts-uploaded": int(uploaded.sum()),
-        "peak-mem-bytes": result.peak_mem_bytes,
+        **({"peak-mem-bytes": result.peak_mem_bytes} if result.peak_mem_bytes is not None else {}),
         "mem-budget-bytes": mem_budget_bytes or 0,
         "over-budget": int(bool(mem_budget_bytes) and result.peak_mem_bytes > mem_budget_bytes),
         "local-steps": result.steps,

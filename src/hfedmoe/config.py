@@ -125,6 +125,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: CUDA when the process sees a GPU (hfedmoe.recipe.device)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: bfloat16 on a GPU that has it, else float32
     gradient_checkpointing: bool = False  # recompute activations in the backward (transformers' own)
+    # Every client's exact peak training memory on the CPU (costs ~15% of a local round,
+    # hfedmoe.training.memory.PeakMemory); clients with a memory budget measure it anyway
+    measure_memory: bool = False
     load_in_4bit: bool = False  # QLoRA: NF4 base weights (bitsandbytes), LoRA on top; needs --lora-rank and CUDA
     client_gpus: float = 0.0  # simulation: GPUs per client (0.25: four clients share one); 0: auto (1 on CUDA)
     client_cpus: int = 0  # simulation: CPU cores per client; 0: auto (all cores, or their GPU share)

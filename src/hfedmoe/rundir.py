@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from hfedmoe.config import ConfigError, RunConfig
 
 # Settings a resumed run may change; anything else must match the checkpointed run.
-RESUMABLE_CHANGES = {"rounds", "resume", "out", "device", "client_gpus", "client_cpus", "export_every"}
+RESUMABLE_CHANGES = {"rounds", "resume", "out", "device", "client_gpus", "client_cpus", "export_every",
+                     "measure_memory"}
 
 
 def default_run_dir() -> Path:

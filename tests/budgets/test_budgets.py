@@ -141,6 +141,12 @@ def test_peak_memory_sees_a_large_allocation():
     assert peak.added_bytes >= 60 * 2**20
 
 
+def test_peak_memory_on_the_cpu_refuses_a_baseline_it_cannot_trust():
+    # Without the collection, memory freed earlier is reused unseen by RSS: the peak would be low.
+    with pytest.raises(ValueError, match="collect=True"):
+        PeakMemory("cpu", collect=False)
+
+
 def _batches():
     g = torch.Generator().manual_seed(0)
     while True:

@@ -32,7 +32,8 @@ def measure_step(cfg: RunConfig, trained_experts: int, steps: int) -> dict:
     bound_allocator()  # as on the clients this calibration is for (those with a memory budget)
     model = build_model(cfg, pretrained=False)
     data = load_client_data(cfg, 0)
-    local = replace(local_train_config(cfg), local_steps=steps)  # the run's task loss and settings
+    # The run's task loss and settings; the exact peak is what this measures
+    local = replace(local_train_config(cfg), local_steps=steps, measure_memory=True)
     torch.manual_seed(cfg.seed)
     result = train_local(model, endless(data.batches), trained_experts, local)
     return {"trained_experts": trained_experts, "peak_bytes": result.peak_mem_bytes,

@@ -396,7 +396,8 @@ class HFedMoE(Strategy):
             "expert_budget": int(m.get("expert-budget", -1)),
             "experts_trained": float(m.get("experts-trained-mean", 0.0)),
             "experts_uploaded": int(m.get("experts-uploaded", 0)),
-            "peak_mem_bytes": int(m.get("peak-mem-bytes", 0)),
+            # None: not measured (a CPU client without a memory budget or --measure-memory)
+            "peak_mem_bytes": int(m["peak-mem-bytes"]) if "peak-mem-bytes" in m else None,
             "mem_budget_bytes": int(m["mem-budget-bytes"]) if m.get("mem-budget-bytes") else None,
             "over_budget": bool(m.get("over-budget", 0)),
             "resident_after_bytes": int(m.get("resident-after-bytes", 0)),

@@ -12,5 +12,5 @@ def local_train_config(cfg: RunConfig) -> LocalTrainConfig:
     return LocalTrainConfig(
         local_steps=cfg.local_steps, lr=cfg.lr, new_param_lr_mult=cfg.new_param_lr_mult, lam=cfg.lam,
         beta=cfg.beta, pooling=cfg.pooling, select_by=cfg.select_by, aux_loss_coef=cfg.aux_loss_coef,
-        task=cfg.task, unselected_experts=cfg.unselected_experts,
+        task=cfg.task, unselected_experts=cfg.unselected_experts, measure_memory=cfg.measure_memory,
     )

@@ -14,6 +14,7 @@ importance s^c, which the server needs for the gate weights (Eq. 18-20).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -50,6 +51,9 @@ class LocalTrainConfig:
     unselected_experts: str = "freeze"  # "freeze" | "detach": see MoEAccess.enable_deferred_backward
     time_budget_s: float | None = None  # compute budget: stop the local round after this long (>= 1 step)
     task: str = "classification"  # the batch loss (hfedmoe.training.objectives)
+    # The round's exact peak memory on the CPU (PeakMemory's clean baseline: ~15% of a local
+    # round). Off: on the CPU the result's peak_mem_bytes is None; on CUDA it is measured anyway.
+    measure_memory: bool = True
 
 
 # on_phase(phase, step, batch, selected): see train_local.
@@ -69,7 +73,9 @@ class LocalTrainResult:
     selection_counts: torch.Tensor  # Tensor[L, S]: batches in which each expert was selected
     activation: torch.Tensor  # Tensor[L, S]: share of the round's routed tokens each expert processed
     experts_trained_mean: float  # mean |E_active| per batch
-    peak_mem_bytes: int  # training memory: weights + what local training added at its peak
+    # Training memory: weights + what local training added at its peak; None where it was
+    # not measured (on the CPU without LocalTrainConfig.measure_memory)
+    peak_mem_bytes: int | None
     wall_s: float
     select_s: float  # time spent pooling, scoring and selecting (the method's own overhead)
     extra: dict = field(default_factory=dict)
@@ -177,8 +183,11 @@ def train_local(
     start = time.perf_counter()
     memtrace("train-local-start", budget=expert_budget)
     try:
-        with PeakMemory(device) as peak:
-            memtrace("peak-enter", start_rss=peak.start_rss / 1e6)
+        # On CUDA the allocator's counters measure the peak at no cost; on the CPU an exact
+        # peak costs a clean baseline (PeakMemory), so only where asked for.
+        measured = cfg.measure_memory or device.type == "cuda"
+        with (PeakMemory(device, collect=cfg.measure_memory) if measured else contextlib.nullcontext()) as peak:
+            memtrace("peak-enter", start_rss=peak.start_rss / 1e6 if peak else None)
             for step in range(cfg.local_steps):
                 if cfg.time_budget_s is not None and step > 0 and time.perf_counter() - start > cfg.time_budget_s:
                     break  # compute budget spent: the round ends early, with what it trained
@@ -257,11 +266,12 @@ def train_local(
         selection_counts=selection_counts,
         activation=(dispatched / routed_tokens.clamp_min(1)).float().cpu(),
         experts_trained_mean=float(selection_counts.sum()) / steps,
-        peak_mem_bytes=weight_bytes(model) + peak.added_bytes,
+        peak_mem_bytes=weight_bytes(model) + peak.added_bytes if peak else None,
         wall_s=time.perf_counter() - start,
         select_s=select_s,
         # The first step also allocates optimizer state and warms caches.
-        extra={"step_s": statistics.median(step_times[1:] or step_times), "peak_rss_bytes": peak.peak_rss},
+        extra={"step_s": statistics.median(step_times[1:] or step_times),
+               "peak_rss_bytes": peak.peak_rss if peak else None},
     )
 
 

@@ -104,16 +104,29 @@ class PeakMemory:
     to the process's lifetime ``ru_maxrss`` (an over-estimate) and says so in ``exact``.
     CUDA: the allocator's ``max_memory_allocated`` (reset on entry) minus
     ``memory_allocated`` at the start; ``peak_rss`` then holds the device's peak.
+
+    The CPU figure needs a clean baseline: garbage collected, and freed memory handed
+    back to the kernel (otherwise the block reuses memory that RSS already counts, and
+    its peak is not seen). That is what makes it costly: the block then faults every
+    page it touches back in. Measured on the embedded model (benchmarks/inprocess_gap.py
+    and docs in BENCHMARKS.md): ~1 GB of page faults and ~0.25 s of ``gc.collect`` per
+    local round, 15-20% of a 2 s round. ``collect=False`` (CUDA only, where the
+    allocator's own counters need no clean baseline) skips the collection.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", collect: bool = True):
         self.device = torch.device(device)
+        self.collect = collect
+        if not collect and self.device.type != "cuda":
+            raise ValueError("PeakMemory on the CPU needs collect=True (a clean baseline; see the class docstring)")
 
     def __enter__(self) -> "PeakMemory":
-        gc.collect()  # garbage held only by reference cycles is freed now, not mid-training
+        if self.collect:
+            gc.collect()  # garbage held only by reference cycles is freed now, not mid-training
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+            if self.collect:
+                torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             self.exact = True
             self.start_rss = torch.cuda.memory_allocated(self.device)

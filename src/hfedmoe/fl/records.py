@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -151,6 +152,16 @@ def npy_header(data) -> bytes:
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """``record.to_torch_state_dict()`` without copying the data (see :func:`array_to_tensor`)."""
     return {key: array_to_tensor(value) for key, value in record.items()}
+
+
+def drop_arrays(messages: Iterable[Message]) -> None:
+    """Remove every ArrayRecord from ``messages`` (error replies have none), so their
+    bytes are freed once nothing else refers to them."""
+    for msg in messages:
+        if msg.has_error():
+            continue
+        for key in [k for k, v in msg.content.items() if isinstance(v, ArrayRecord)]:
+            del msg.content[key]
 
 
 def all_finite(value: torch.Tensor) -> bool:

@@ -25,6 +25,7 @@ from flwr.supercore import log
 from hfedmoe.fl.records import (
     ReceivedUpload,
     ReplyError,
+    drop_arrays,
     parse_upload,
     raw_nbytes,
     record_nbytes,
@@ -279,6 +280,7 @@ class HFedMoE(Strategy):
                     f"no client sent a usable update in {self._empty_streak} consecutive round(s) (last: round "
                     f"{server_round}; {'; '.join(reasons)[:500]}); the last good model is kept"
                 )
+            drop_arrays(replies)
             return None, None
         self._empty_streak = 0
 
@@ -288,8 +290,16 @@ class HFedMoE(Strategy):
         n = [u.upload.num_examples for u in updates]
         loss = sum(u.upload.metrics.get("train-loss", 0.0) * k for u, k in zip(updates, n)) / max(sum(n), 1)
         metrics = MetricRecord({"train-loss": float(loss), "clients": len(updates), "failures": len(failures)})
-        # Built once; Flower sends this same record to every client next round.
-        self._last_record, self._last_state = state_to_record(state), state
+        # Built once; Flower sends this same record to every client next round. The server
+        # keeps the new model in that one form (its own tensors are read-only views of the
+        # record's bytes): one copy resident while the next round's clients train, not two.
+        self._last_record = state_to_record(state)
+        self._last_state = record_to_state(self._last_record)
+        del state
+        # Flower's loop holds this round's replies until the next round's replies replace
+        # them, i.e. while the next round's clients train: up to a model per client. Merged
+        # now, their arrays go (measured on the embedded model: ~0.4 GB for 2 clients).
+        drop_arrays(replies)
         info["timing"].update(aggregate_s=aggregated - parsed, encode_s=time.perf_counter() - aggregated)
         return self._last_record, metrics
 

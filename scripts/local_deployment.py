@@ -544,7 +544,9 @@ class Deployment:
     def flwr_run(self, out: Path, resume: bool = False, stop_after_round: int = 0) -> dict | None:
         """One ``flwr run``: its summary, or None once ``stop_after_round`` is checkpointed
         (the run is left running for the caller to kill)."""
-        run_config = [f"num-server-rounds={self.args.rounds} out='{out}'" + (" resume=true" if resume else "")]
+        run_config = [f"num-server-rounds={self.args.rounds} out='{out}'" + (" resume=true" if resume else "")
+                      # the fault waits for round K's checkpoint: every round is checkpointed
+                      + (" checkpoint-interval=0" if self.args.kill_server_after else "")]
         if self.args.run_config:
             run_config.append(self.args.run_config)
         cmd = [flower_bin("flwr"), "run", str(self.args.app), CONNECTION, "--stream"]

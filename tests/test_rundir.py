@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hfedmoe.config import RunConfig
+from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.rundir import RunRecorder
 
 
@@ -41,3 +41,26 @@ def test_a_failed_background_write_is_raised_not_lost(tmp_path):
     recorder.save_checkpoint(2, {"w": torch.zeros(2)})  # raised again by finish()
     with pytest.raises(FileExistsError):
         recorder.finish({"w": torch.zeros(2)}, {"spec": {}})
+
+
+def test_checkpoints_are_due_after_the_interval_and_after_the_last_round(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("hfedmoe.rundir.time.monotonic", lambda: clock[0])
+    recorder = RunRecorder(tmp_path / "run", RunConfig(rounds=5, checkpoint_interval=60.0))
+    clock[0] += 59.0
+    assert not recorder.checkpoint_due(1, last_round=5)
+    assert recorder.checkpoint_due(5, last_round=5)  # the last round: always
+    clock[0] += 1.0
+    assert recorder.checkpoint_due(2, last_round=5)
+    recorder.save_checkpoint(2, {"w": torch.zeros(2)})
+    clock[0] += 30.0
+    assert not recorder.checkpoint_due(3, last_round=5)  # counted from that checkpoint
+    every = RunRecorder(tmp_path / "every", RunConfig(rounds=5, checkpoint_interval=0))
+    assert every.checkpoint_due(1, last_round=5)
+    recorder.finish({"w": torch.zeros(2)}, {})
+    every.finish({"w": torch.zeros(2)}, {})
+
+
+def test_a_negative_checkpoint_interval_is_refused():
+    with pytest.raises(ConfigError, match="--checkpoint-interval must be seconds >= 0"):
+        RunConfig(checkpoint_interval=-1).validate()

@@ -82,6 +82,9 @@ class RunConfig:
     calibration: str | None = None  # memory calibration file, "analytic", or None: the cache (measured on first use)
     mem_headroom: float = 0.05  # share of a memory budget left unplanned (model error, allocator growth)
     resume: bool = False  # continue the run in --out from its last checkpoint, up to --rounds
+    # The global state is checkpointed after a round once this many seconds have passed since
+    # the last checkpoint, and after the last round; 0: after every round (hfedmoe.rundir)
+    checkpoint_interval: float = 60.0
     round_timeout: float = 3600.0  # seconds the server waits for replies; late clients count as failed
     max_empty_rounds: int = 3  # stop after this many rounds in a row with no usable update (0: never)
     norm_screen: float = 10.0  # reject a client whose update norm in a group is > this x the round's median (0: off)
@@ -153,6 +156,11 @@ class RunConfig:
             raise ConfigError(f"--beta must be a finite number >= 0, got {self.beta}")
         if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
             raise ConfigError(f"--tau must lie in [0, 1] (a usage threshold), got {self.tau}")
+        if isinstance(self.checkpoint_interval, bool) or not (
+                isinstance(self.checkpoint_interval, (int, float)) and math.isfinite(self.checkpoint_interval)
+                and self.checkpoint_interval >= 0):
+            raise ConfigError(f"--checkpoint-interval must be seconds >= 0 (0: every round), "
+                              f"got {self.checkpoint_interval!r}")
         if not (isinstance(self.round_timeout, (int, float)) and math.isfinite(self.round_timeout)
                 and self.round_timeout > 0):
             raise ConfigError(f"--round-timeout must be positive seconds, got {self.round_timeout!r}")

@@ -447,6 +447,25 @@ def test_aggregate_train_sparse_experts_dense_and_routers(tiny):
     assert metrics["train-loss"] == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
 
 
+def test_aggregate_train_keeps_one_copy_of_the_new_model_and_releases_the_replies(tiny):
+    """Flower's loop holds the replies while the next round's clients train: merged, their
+    arrays go; the server's own tensors of the new model are views of the record it sends."""
+    groups, state = tiny
+    strategy = make_strategy(groups)
+    messages, (a_state, a), (b_state, b) = _round(groups, state, strategy)
+    replies = [to_reply(messages[NODE_A], a), to_reply(messages[NODE_B], b)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert all("arrays" not in r.content and "stats" not in r.content for r in replies)
+    assert all("metrics" in r.content for r in replies)  # the small records stay
+    own = strategy.state_of(arrays)
+    assert own is strategy.last_aggregated_state
+    for key, tensor in own.items():  # each tensor's data lies inside the record's bytes of that key
+        start = np.frombuffer(arrays[key].data, dtype=np.uint8).ctypes.data
+        assert start <= tensor.data_ptr() < start + len(arrays[key].data), key
+    _check_two_client_aggregate(groups, state, own, a_state, b_state)
+
+
 def test_aggregate_train_drops_a_malformed_reply_and_keeps_the_others(tiny):
     groups, state = tiny
     strategy = make_strategy(groups)

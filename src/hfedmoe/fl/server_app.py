@@ -222,15 +222,16 @@ def run_server(grid: Grid, cfg: RunConfig, reporter: Reporter | None = None, cli
             **({"federated": federated} if federated is not None else {}),
         }
         reporter.on_round(recorder.log_round(row))
-        if server_round > 0:
+        if server_round > 0 and recorder.checkpoint_due(server_round, cfg.rounds):
             started = time.perf_counter()
             recorder.save_checkpoint(server_round, state)
             checkpoint_s.append(time.perf_counter() - started)
             # The hand-over waited for the previous write: its CPU seconds, spent in the
             # background while this round's clients trained (on this machine's cores)
             write_cpu_s.append(recorder.last_write_cpu_s)
-            if cfg.export_every and server_round % cfg.export_every == 0:  # the model is loaded with `state`
-                export_model(cfg, model, recorder.dir / "exports" / f"round-{server_round}", label_names(cfg))
+        if server_round > 0 and cfg.export_every and server_round % cfg.export_every == 0:
+            # the model is loaded with `state`
+            export_model(cfg, model, recorder.dir / "exports" / f"round-{server_round}", label_names(cfg))
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
     # On the host: messages and checkpoints are built from it (a no-op for a CPU model).

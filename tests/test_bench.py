@@ -56,3 +56,28 @@ def test_framework_seconds_are_every_phase_the_bare_loop_does_not_pay():
 def test_a_failing_arm_is_reported_with_its_name(tmp_path):
     with pytest.raises(RuntimeError, match="the bare arm of the benchmark failed"):
         bench.arm_in_fresh_process("bare", RunConfig(model="no-such-model", out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "inf"])
+def test_a_bad_checkpoint_interval_is_refused_before_any_arm_runs(value, capsys):
+    from hfedmoe.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--quick", "--checkpoint-interval", value])
+    assert exited.value.code == 2
+    assert "--checkpoint-interval" in capsys.readouterr().err
+
+
+def test_the_checkpoint_interval_reaches_the_federated_arm(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_arms(cfg, engines, repeats, out_dir, log):
+        seen.append(cfg.checkpoint_interval)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bench, "measure_arms", fake_arms)
+    for interval in (0.0, None):
+        with pytest.raises(RuntimeError, match="stop here"):
+            bench.run_bench(quick=True, out_dir=tmp_path, engine="inprocess", repeats=1,
+                            checkpoint_interval=interval)
+    assert seen == [0.0, RunConfig().checkpoint_interval]  # None: the run's default

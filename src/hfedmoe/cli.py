@@ -246,7 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=2,
                        help="runs of each arm, each in a fresh process, in mirrored order (A B B A); steady "
                             "rounds are the median over them (default 2; 1 halves the time)")
+    bench.add_argument("--checkpoint-interval", type=_non_negative_seconds, default=None,
+                       help="the federated arm's --checkpoint-interval (default: the run's, 60 s, which these short "
+                            "runs reach only after their last round; 0: a checkpoint every round, its cost included)")
     return parser
+
+
+def _non_negative_seconds(text: str) -> float:
+    """argparse type: seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not 0 or more finite seconds")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -350,7 +364,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     result = run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None, log=log,
-                       engine=args.engine, repeats=args.repeats)
+                       engine=args.engine, repeats=args.repeats, checkpoint_interval=args.checkpoint_interval)
     for key in ("engine", "selection_overhead", "upload_over_floor", "upload_vs_fedavg_full", "runtime_overhead",
                 "fixed_cost_per_client_s", "framework_s_per_client", "accounted_overhead"):
         log(f"{key:>24}: {result[key]}")

@@ -81,3 +81,16 @@ def test_the_checkpoint_interval_reaches_the_federated_arm(tmp_path, monkeypatch
             bench.run_bench(quick=True, out_dir=tmp_path, engine="inprocess", repeats=1,
                             checkpoint_interval=interval)
     assert seen == [0.0, RunConfig().checkpoint_interval]  # None: the run's default
+
+
+def test_a_warm_up_process_runs_first_and_is_not_measured(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_arm(kind, cfg):
+        calls.append((kind, cfg.rounds))
+        return {"round_s": [1.0, 1.0], "rows": []}
+
+    monkeypatch.setattr(bench, "arm_in_fresh_process", fake_arm)
+    runs = bench.measure_arms(RunConfig(rounds=3), ["inprocess"], 2, tmp_path, log=lambda text: None)
+    assert calls == [("bare", 1), ("inprocess", 3), ("bare", 3), ("bare", 3), ("inprocess", 3)]
+    assert [len(runs[kind]) for kind in ("inprocess", "bare")] == [2, 2]  # the warm-up is in neither

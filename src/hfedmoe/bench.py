@@ -335,12 +335,22 @@ def arm_order(engines: list[str], repeats: int) -> list[str]:
     return [kind for r in range(repeats) for kind in (arms if r % 2 == 0 else arms[::-1])]
 
 
-def measure_arms(cfg: RunConfig, engines: list[str], repeats: int, out_dir: Path, log=print) -> dict[str, list[dict]]:
+def measure_arms(cfg: RunConfig, engines: list[str], repeats: int, out_dir: Path, log=print,
+                 warmup: bool = True) -> dict[str, list[dict]]:
     """Every arm (``engines`` and bare) ``repeats`` times, each in a fresh process, in
     :func:`arm_order`. Returns kind -> its runs. A federated arm's run directory is
-    ``out_dir/federated-<engine>`` for the first repeat, ``...-<engine>-<r>`` after."""
+    ``out_dir/federated-<engine>`` for the first repeat, ``...-<engine>-<r>`` after.
+
+    ``warmup``: first one round of the bare arm in a fresh process, not measured. Why: in
+    4 of 4 benches here the first process was the slowest of its kind, also in its steady
+    rounds (default workload: client training 21.1 and 26.2 s in the first process against
+    18.8 and 24.5 s in the last, the bare arms between them 18.4-24.8 s), and mirrored order
+    (A B B A) puts the first arm first in every bench."""
     runs: dict[str, list[dict]] = {kind: [] for kind in [*engines, "bare"]}
     order = arm_order(engines, repeats)
+    if warmup:
+        log("[warm-up] one round of the bare arm (fresh process, not measured) ...")
+        arm_in_fresh_process("bare", replace(cfg, rounds=1))
     for i, kind in enumerate(order, 1):
         done = len(runs[kind])
         if kind == "bare":

@@ -345,7 +345,9 @@ def measure_arms(cfg: RunConfig, engines: list[str], repeats: int, out_dir: Path
     4 of 4 benches here the first process was the slowest of its kind, also in its steady
     rounds (default workload: client training 21.1 and 26.2 s in the first process against
     18.8 and 24.5 s in the last, the bare arms between them 18.4-24.8 s), and mirrored order
-    (A B B A) puts the first arm first in every bench."""
+    (A B B A) puts the first arm first in every bench. With it the quick bench's two
+    federated processes agreed (6.81, 6.53 s); on the default workload the first federated
+    process was still the slower one (BENCHMARKS.md, issue 19)."""
     runs: dict[str, list[dict]] = {kind: [] for kind in [*engines, "bare"]}
     order = arm_order(engines, repeats)
     if warmup:

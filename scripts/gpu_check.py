@@ -310,6 +310,7 @@ def measure_memory_model(report: Report, cfg: RunConfig, access, state: dict, da
     counts = sorted(set(fitted) | {layers})
     local = local_train_config(cfg)
     local.local_steps = steps
+    local.measure_memory = True  # the peak is what this phase measures (on a CPU, only where asked for)
     if device.type == "cpu":
         bound_allocator()  # as client_round does on the CPU with a memory budget
     points = []

@@ -105,7 +105,8 @@ class RunRecorder:
         self.wait_for_checkpoint()
         self._last_checkpoint = time.monotonic()
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfedmoe-checkpoint")
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfedmoe-checkpoint",
+                                              initializer=lower_this_threads_priority)
         self._pending = self._writer.submit(self._write_checkpoint, server_round, dict(state))
 
     def wait_for_checkpoint(self) -> None:
@@ -115,7 +116,6 @@ class RunRecorder:
             pending.result()
 
     def _write_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
-        lower_this_threads_priority()
         started = time.thread_time()
         self._write_files(server_round, state)
         self.last_write_cpu_s = time.thread_time() - started

@@ -111,6 +111,7 @@ def main() -> None:
 
     args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in sys.argv[2:])
     out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
     repeats = int(args.get("repeats", 2))
     variants = args.get("variants", "bare,inprocess,inprocess-nockpt,bare-ckpt").split(",")
     base = (full_config if "default" in args else quick_config)(out)

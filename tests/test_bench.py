@@ -53,6 +53,13 @@ def test_framework_seconds_are_every_phase_the_bare_loop_does_not_pay():
     assert figures["accounted_overhead"] == pytest.approx((9.0 + 1.4) / 9.0, abs=1e-3)
 
 
+def test_the_overhead_per_repeat_pairs_each_federated_process_with_the_bare_one_of_its_repeat():
+    fed = [{"round_s": [5.0, 10.0, 10.0]}, {"round_s": [5.0, 12.0, 13.0]}]
+    bare = [{"round_s": [4.0, 8.0, 8.0]}, {"round_s": [4.0, 12.0, 12.0]}, {"round_s": [4.0, 1.0, 1.0]}]
+    # the third bare process has no federated partner: left out
+    assert bench.runtime_overhead_per_repeat(fed, bare) == [1.25, pytest.approx(12.5 / 12.0, abs=1e-3)]
+
+
 def test_a_failing_arm_is_reported_with_its_name(tmp_path):
     with pytest.raises(RuntimeError, match="the bare arm of the benchmark failed"):
         bench.arm_in_fresh_process("bare", RunConfig(model="no-such-model", out=str(tmp_path)))

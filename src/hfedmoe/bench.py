@@ -252,6 +252,12 @@ def steady_round_s(arms: list[dict]) -> float:
     return statistics.median(t for arm in arms for t in arm["round_s"][1:])
 
 
+def runtime_overhead_per_repeat(fed: list[dict], bare: list[dict]) -> list[float]:
+    """Steady round of the r-th federated process over that of the r-th bare process, for
+    every repeat both arms ran."""
+    return [round(steady_round_s([f]) / steady_round_s([b]), 3) for f, b in zip(fed, bare)]
+
+
 def _mean_dicts(dicts: list[dict]) -> dict:
     keys = [k for k in dicts[0] if all(k in d for d in dicts)]
     return {k: round(statistics.mean(d[k] for d in dicts), 3) for k in keys}
@@ -265,6 +271,10 @@ def engine_figures(fed: list[dict], bare: list[dict], clients: int) -> dict:
     phases = _mean_dicts(per_arm)
     return {
         "runtime_overhead": round(steady_fed / steady_bare, 3),
+        # Each federated process against the bare process of the same repeat (adjacent in
+        # arm_order, so a drift of the machine's speed weighs on both): their spread is
+        # what one ratio of this bench can be trusted to.
+        "runtime_overhead_per_repeat": runtime_overhead_per_repeat(fed, bare),
         # What a client-round costs on top of the bare loop's (a steady round's difference per client).
         "fixed_cost_per_client_s": round((steady_fed - steady_bare) / clients, 3),
         # The same cost accounted inside the federated round, phase by phase (not a

@@ -366,7 +366,7 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None, log=log,
                        engine=args.engine, repeats=args.repeats, checkpoint_interval=args.checkpoint_interval)
     for key in ("engine", "selection_overhead", "upload_over_floor", "upload_vs_fedavg_full", "runtime_overhead",
-                "fixed_cost_per_client_s", "framework_s_per_client", "accounted_overhead"):
+                "runtime_overhead_per_repeat", "fixed_cost_per_client_s", "framework_s_per_client", "accounted_overhead"):
         log(f"{key:>24}: {result[key]}")
     for name, figures in result.get("engines", {}).items():
         if name != result["engine"]:

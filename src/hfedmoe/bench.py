@@ -271,9 +271,9 @@ def engine_figures(fed: list[dict], bare: list[dict], clients: int) -> dict:
     phases = _mean_dicts(per_arm)
     return {
         "runtime_overhead": round(steady_fed / steady_bare, 3),
-        # Each federated process against the bare process of the same repeat (adjacent in
-        # arm_order, so a drift of the machine's speed weighs on both): their spread is
-        # what one ratio of this bench can be trusted to.
+        # Each federated process against the bare process of the same repeat (next to it in
+        # arm_order, adjacent with one engine, so a drift of the machine's speed weighs on
+        # both): their spread is what one ratio of this bench can be trusted to.
         "runtime_overhead_per_repeat": runtime_overhead_per_repeat(fed, bare),
         # What a client-round costs on top of the bare loop's (a steady round's difference per client).
         "fixed_cost_per_client_s": round((steady_fed - steady_bare) / clients, 3),

@@ -367,10 +367,10 @@ def _bench(args: argparse.Namespace) -> int:
                        engine=args.engine, repeats=args.repeats, checkpoint_interval=args.checkpoint_interval)
     for key in ("engine", "selection_overhead", "upload_over_floor", "upload_vs_fedavg_full", "runtime_overhead",
                 "runtime_overhead_per_repeat", "fixed_cost_per_client_s", "framework_s_per_client", "accounted_overhead"):
-        log(f"{key:>24}: {result[key]}")
+        log(f"{key:>27}: {result[key]}")
     for name, figures in result.get("engines", {}).items():
         if name != result["engine"]:
-            log(f"{name:>24}: runtime_overhead {figures['runtime_overhead']}, "
+            log(f"{name:>27}: runtime_overhead {figures['runtime_overhead']}, "
                 f"fixed_cost_per_client_s {figures['fixed_cost_per_client_s']}, "
                 f"framework_s_per_client {figures['framework_s_per_client']}, "
                 f"accounted_overhead {figures['accounted_overhead']}")

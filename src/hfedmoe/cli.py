@@ -246,20 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=2,
                        help="runs of each arm, each in a fresh process, in mirrored order (A B B A); steady "
                             "rounds are the median over them (default 2; 1 halves the time)")
-    bench.add_argument("--checkpoint-interval", type=_non_negative_seconds, default=None,
+    bench.add_argument("--checkpoint-interval", type=_checkpoint_interval, default=None,
                        help="the federated arm's --checkpoint-interval (default: the run's, 60 s, which these short "
                             "runs reach only after their last round; 0: a checkpoint every round, its cost included)")
     return parser
 
 
-def _non_negative_seconds(text: str) -> float:
-    """argparse type: seconds, 0 or more."""
+def _checkpoint_interval(text: str) -> float:
+    """argparse type: a --checkpoint-interval that RunConfig accepts (its rule, checked before any arm runs)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not 0 or more finite seconds")
+    try:
+        RunConfig(checkpoint_interval=value).validate()
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 
